@@ -1,0 +1,52 @@
+"""torchkeep keeps PyTorch training state safe.
+
+Save and load any state tree crash-safely, without pickle, with a checksum on
+every tensor::
+
+    import torchkeep
+    torchkeep.save({"model": model.state_dict(), "step": 100}, "ckpt/step-100")
+    state = torchkeep.load("ckpt/step-100")
+"""
+
+from torchkeep._version import __version__
+from torchkeep.errors import (
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    ChecksumMismatchError,
+    CorruptCheckpointError,
+    InvalidArgumentError,
+    StorageError,
+    TorchkeepError,
+    UnsafeCheckpointError,
+    UnsupportedFormatError,
+    UnsupportedObjectError,
+)
+from torchkeep.info import CheckpointInfo, TensorInfo, VerifyReport
+from torchkeep.loading import inspect, load, verify
+from torchkeep.saving import save
+from torchkeep.storage import LocalStorage, MemoryStorage, Storage, Transaction
+
+__all__ = [
+    "CheckpointExistsError",
+    "CheckpointInfo",
+    "CheckpointNotFoundError",
+    "ChecksumMismatchError",
+    "CorruptCheckpointError",
+    "InvalidArgumentError",
+    "LocalStorage",
+    "MemoryStorage",
+    "Storage",
+    "StorageError",
+    "TensorInfo",
+    "TorchkeepError",
+    "Transaction",
+    "UnsafeCheckpointError",
+    "UnsupportedFormatError",
+    "UnsupportedObjectError",
+    "VerifyReport",
+    "__version__",
+    "inspect",
+    "load",
+    "save",
+    "verify",
+]

@@ -1,0 +1,97 @@
+"""The exceptions torchkeep raises.
+
+Every error is a :class:`TorchkeepError`, so ``except torchkeep.TorchkeepError``
+catches all of them. Leaves also subclass the built-in a caller would expect,
+so code written against plain ``open``/``torch.load`` keeps working::
+
+    TorchkeepError(Exception)
+    ├── CheckpointNotFoundError(FileNotFoundError)   nothing committed at the path
+    ├── CheckpointExistsError(FileExistsError)       refusing to replace non-checkpoint data
+    ├── CorruptCheckpointError(ValueError)           bytes or structure are damaged
+    │   └── ChecksumMismatchError                    a tensor's bytes fail their checksum
+    ├── UnsupportedFormatError(ValueError)           unknown format, or a newer format version
+    ├── UnsafeCheckpointError(ValueError)            would need to run pickled code to load
+    ├── UnsupportedObjectError(TypeError)            a value in the tree cannot be saved
+    ├── InvalidArgumentError(ValueError)             a bad argument to a torchkeep call
+    └── StorageError(OSError)                        the storage backend failed (disk full, I/O)
+
+Errors carry the path of the file (``.path``) and, where one applies, the key
+of the tensor or the place in the tree (``.key``).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckpointExistsError",
+    "CheckpointNotFoundError",
+    "ChecksumMismatchError",
+    "CorruptCheckpointError",
+    "InvalidArgumentError",
+    "StorageError",
+    "TorchkeepError",
+    "UnsafeCheckpointError",
+    "UnsupportedFormatError",
+    "UnsupportedObjectError",
+]
+
+
+class TorchkeepError(Exception):
+    """Root of every error torchkeep raises.
+
+    Attributes:
+        path: the file or checkpoint concerned, or None.
+        key: the tensor name or tree location concerned, or None.
+    """
+
+    def __init__(self, message: str, *, path: str | None = None, key: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.path = path
+        self.key = key
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class CheckpointNotFoundError(TorchkeepError, FileNotFoundError):
+    """No committed checkpoint exists at the path."""
+
+
+class CheckpointExistsError(TorchkeepError, FileExistsError):
+    """The target holds data that is not a checkpoint, so it is not replaced."""
+
+
+class CorruptCheckpointError(TorchkeepError, ValueError):
+    """The checkpoint's bytes or structure are damaged (truncated, garbage, inconsistent)."""
+
+
+class ChecksumMismatchError(CorruptCheckpointError):
+    """One or more tensors' bytes do not match their recorded checksums.
+
+    Attributes:
+        damaged: the names of every tensor that failed, in file order.
+    """
+
+    def __init__(self, message: str, *, path: str | None = None, damaged: list[str]) -> None:
+        super().__init__(message, path=path, key=damaged[0] if damaged else None)
+        self.damaged = damaged
+
+
+class UnsupportedFormatError(TorchkeepError, ValueError):
+    """The file is not in a format torchkeep reads, or was written by a newer format version."""
+
+
+class UnsafeCheckpointError(TorchkeepError, ValueError):
+    """Loading would need to unpickle arbitrary Python objects, which torchkeep refuses."""
+
+
+class UnsupportedObjectError(TorchkeepError, TypeError):
+    """A value in the state tree cannot be saved without pickle."""
+
+
+class InvalidArgumentError(TorchkeepError, ValueError):
+    """An argument to a torchkeep call is not valid."""
+
+
+class StorageError(TorchkeepError, OSError):
+    """The storage backend failed to read, write, commit or delete."""

@@ -1,0 +1,1 @@
+"""Readers and writers of each on-disk format; :mod:`torchkeep.formats.detect` tells them apart."""

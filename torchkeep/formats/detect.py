@@ -1,0 +1,53 @@
+"""Telling formats apart by their bytes, not by their file names."""
+
+from __future__ import annotations
+
+from torchkeep.errors import CheckpointNotFoundError, UnsupportedFormatError
+from torchkeep.manifest import MANIFEST_NAME
+from torchkeep.storage import Storage
+
+__all__ = ["NATIVE", "SAFETENSORS", "SAFETENSORS_SHARDED", "TORCH_LEGACY", "TORCH_ZIP", "detect_format"]
+
+NATIVE = "torchkeep"
+SAFETENSORS = "safetensors"
+SAFETENSORS_SHARDED = "safetensors-sharded"
+TORCH_ZIP = "torch-zip"
+TORCH_LEGACY = "torch-legacy"
+
+
+def detect_format(storage: Storage, key: str) -> str:
+    """Which format the entry at ``key`` is in.
+
+    Raises:
+        CheckpointNotFoundError: nothing is there, or a directory without a manifest.
+        UnsupportedFormatError: the bytes match no format torchkeep reads.
+    """
+    path = storage.describe(key)
+    if not storage.exists(key):
+        raise CheckpointNotFoundError(f"No checkpoint at {path!r}.", path=path)
+    if storage.is_dir(key):
+        names = storage.list(key)
+        if MANIFEST_NAME in names:
+            return NATIVE
+        if sum(n.endswith(".safetensors.index.json") for n in names) == 1:
+            return SAFETENSORS_SHARDED
+        raise CheckpointNotFoundError(
+            f"{path!r} is a directory without {MANIFEST_NAME}, so it is not a committed checkpoint "
+            "(an interrupted save leaves none). Load a checkpoint directory, a file, or a "
+            "directory holding one *.safetensors.index.json.",
+            path=path,
+        )
+    if key.endswith(".safetensors.index.json"):
+        return SAFETENSORS_SHARDED
+    head = storage.read(key, 0, 16)
+    if head[:4] == b"PK\x03\x04":
+        return TORCH_ZIP
+    if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
+        return TORCH_LEGACY
+    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") > 1:
+        return SAFETENSORS
+    raise UnsupportedFormatError(
+        f"{path!r} is not a checkpoint torchkeep can read (first bytes {head[:8]!r}); it reads native "
+        "checkpoint directories, .safetensors (single or sharded with an index) and torch .pth/.pt files.",
+        path=path,
+    )

@@ -1,0 +1,107 @@
+"""The native checkpoint: a directory of safetensors shards with ``manifest.json`` written last."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torchkeep.errors import CheckpointNotFoundError, CorruptCheckpointError
+from torchkeep.formats.shard import PlannedTensor, tree_order, write_shard
+from torchkeep.formats.tensors import OpenedCheckpoint
+from torchkeep.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, ShardEntry, TensorEntry
+from torchkeep.storage import Storage
+
+__all__ = ["DEFAULT_MAX_SHARD_SIZE", "open_native", "write_native"]
+
+#: Shards are cut at this many bytes of tensor data (one tensor never spans two).
+DEFAULT_MAX_SHARD_SIZE = 4 * 1024**3
+
+
+def _split(planned: list[PlannedTensor], max_shard_size: int) -> list[list[PlannedTensor]]:
+    shards: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for p in planned:
+        if shards[-1] and size + p.nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(p)
+        size += p.nbytes
+    return shards
+
+
+def write_native(
+    storage: Storage,
+    key: str,
+    tree: Any,
+    planned: list[PlannedTensor],
+    metadata: dict[str, Any],
+    *,
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+) -> Manifest:
+    """Write shards, then the manifest, then commit; on any failure nothing is published.
+
+    Returns:
+        The manifest that was committed.
+    """
+    txn = storage.begin(key, directory=True)
+    try:
+        entries: list[TensorEntry] = []
+        shards: list[ShardEntry] = []
+        for index, group in enumerate(_split(planned, max_shard_size)):
+            name = f"data-{index:05d}.safetensors"
+            with txn.open(name) as f:
+                written, size = write_shard(f, group, name, {"format": "pt"})
+            entries.extend(written)
+            shards.append(ShardEntry(file=name, size=size))
+        manifest = Manifest(tree=tree, tensors=tree_order(entries, planned), shards=tuple(shards), metadata=metadata)
+        with txn.open(MANIFEST_NAME) as f:
+            f.write(manifest.to_bytes())
+        txn.commit()
+    except BaseException:
+        txn.abort()
+        raise
+    return manifest
+
+
+def open_native(storage: Storage, key: str) -> OpenedCheckpoint:
+    """Read and validate the manifest of the native checkpoint at ``key``.
+
+    Raises:
+        CheckpointNotFoundError: the directory has no manifest (never committed).
+        CorruptCheckpointError: the manifest is damaged or a shard is missing or truncated.
+        UnsupportedFormatError: the manifest is from a newer format version.
+    """
+    path = storage.describe(key)
+    manifest_key = f"{key}/{MANIFEST_NAME}"
+    if not storage.exists(manifest_key):
+        raise CheckpointNotFoundError(
+            f"{path!r} has no {MANIFEST_NAME}, so it is not a committed checkpoint "
+            "(a save that was interrupted leaves none).",
+            path=path,
+        )
+    size = storage.size(manifest_key)
+    if size > MAX_MANIFEST_BYTES:
+        raise CorruptCheckpointError(
+            f"The manifest of {path!r} is {size} bytes, over the {MAX_MANIFEST_BYTES}-byte limit.", path=path
+        )
+    manifest = Manifest.from_bytes(storage.read(manifest_key), path=path)
+    shard_keys = {}
+    for shard in manifest.shards:
+        if "/" in shard.file or shard.file in ("", ".", "..", MANIFEST_NAME) or "\x00" in shard.file:
+            raise CorruptCheckpointError(
+                f"The manifest of {path!r} names shard {shard.file!r}, which is not a file inside the checkpoint.",
+                path=path,
+            )
+        shard_key = f"{key}/{shard.file}"
+        if not storage.exists(shard_key):
+            raise CorruptCheckpointError(
+                f"Shard {shard.file!r} of {path!r} is missing; the checkpoint is incomplete.", path=path
+            )
+        actual = storage.size(shard_key)
+        if actual != shard.size:
+            raise CorruptCheckpointError(
+                f"Shard {shard.file!r} of {path!r} is {actual} bytes but should be {shard.size}; "
+                "it was truncated or overwritten.",
+                path=storage.describe(shard_key),
+            )
+        shard_keys[shard.file] = shard_key
+    return OpenedCheckpoint(format="torchkeep", path=path, manifest=manifest, shard_keys=shard_keys)

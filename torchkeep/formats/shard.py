@@ -1,0 +1,253 @@
+"""The safetensors byte layout, shared by native shards and single ``.safetensors`` files.
+
+A shard is ``u64 little-endian header length`` + ``JSON header`` (padded with
+spaces to a multiple of 8) + tensor bytes. Any safetensors reader opens it.
+Tensors are ordered by alignment (8-byte element types first) so that every
+tensor starts at a multiple of its element size, which lets a loader view
+the mapped bytes as the tensor's dtype in place. A dtype that safetensors
+readers do not know (complex128, float4, bits types, numpy strings) is stored
+as raw bytes (``"U8"``); its real dtype is in the torchkeep manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from collections.abc import Callable
+from typing import Any, BinaryIO
+
+import numpy as np
+import torch
+
+from torchkeep.dtypes import safetensors_code, safetensors_numpy_code, torch_dtype_name
+from torchkeep.errors import CorruptCheckpointError, UnsupportedFormatError
+from torchkeep.integrity import checksum
+from torchkeep.manifest import TensorEntry
+from torchkeep.storage import Storage
+from torchkeep.tree import ArrayLeaf
+
+__all__ = ["PlannedTensor", "ShardHeader", "leaf_bytes", "plan_tensors", "read_header", "write_shard"]
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+_CODE_SIZES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+    "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+    "F8_E4M3FNUZ": 1, "F8_E5M2FNUZ": 1, "C64": 8,
+}  # fmt: skip
+
+
+@dataclass(eq=False)
+class PlannedTensor:
+    """A leaf with its dtype, shape and byte size worked out, before any data is copied."""
+
+    leaf: ArrayLeaf
+    kind: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    code: str
+    raw: bool
+    align: int
+    device: str
+    order: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.leaf.name
+
+
+def _align(itemsize: int) -> int:
+    return math.gcd(itemsize, 8) if itemsize else 1
+
+
+def plan_tensors(leaves: list[ArrayLeaf]) -> list[PlannedTensor]:
+    """Describe each leaf and order them for the shard layout (largest alignment first)."""
+    planned = []
+    for leaf in leaves:
+        value = leaf.value
+        if isinstance(value, torch.Tensor):
+            code = safetensors_code(value.dtype)
+            itemsize = value.dtype.itemsize
+            planned.append(
+                PlannedTensor(
+                    leaf, "torch", torch_dtype_name(value.dtype), tuple(value.shape),
+                    value.numel() * itemsize, code or "U8", code is None, _align(itemsize),
+                    str(value.device),
+                )
+            )  # fmt: skip
+        else:
+            code = safetensors_numpy_code(value.dtype)
+            planned.append(
+                PlannedTensor(
+                    leaf, "numpy", value.dtype.str, tuple(value.shape), value.nbytes,
+                    code or "U8", code is None, _align(value.dtype.itemsize), "cpu",
+                )
+            )  # fmt: skip
+    for order, p in enumerate(planned):
+        p.order = order
+    planned.sort(key=lambda p: -p.align)
+    return planned
+
+
+def tree_order(entries: list[TensorEntry], planned: list[PlannedTensor]) -> tuple[TensorEntry, ...]:
+    """Entries in the order their leaves appear in the tree, for a manifest a person reads."""
+    rank = {p.name: p.order for p in planned}
+    return tuple(sorted(entries, key=lambda e: rank[e.name]))
+
+
+def leaf_bytes(value: torch.Tensor | np.ndarray) -> memoryview:
+    """The bytes of a tensor or array as a flat buffer; copies only what is not already plain CPU memory."""
+    if isinstance(value, torch.Tensor):
+        t = value.detach()
+        if t.is_conj():
+            t = t.resolve_conj()
+        if t.is_neg():
+            t = t.resolve_neg()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        t = t.contiguous()
+        return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    arr = np.ascontiguousarray(value)
+    return memoryview(arr.reshape(-1).view(np.uint8))
+
+
+def _header_bytes(planned: list[PlannedTensor], offsets: list[tuple[int, int]], metadata: dict[str, str]) -> bytes:
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = metadata
+    for p, (begin, end) in zip(planned, offsets, strict=True):
+        shape = [p.nbytes] if p.raw else list(p.shape)
+        header[p.name] = {"dtype": p.code, "shape": shape, "data_offsets": [begin, end]}
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw
+
+
+def write_shard(
+    f: BinaryIO,
+    planned: list[PlannedTensor],
+    shard: str,
+    metadata: dict[str, str] | Callable[[list[TensorEntry]], dict[str, str]] | None = None,
+) -> tuple[list[TensorEntry], int]:
+    """Write ``planned`` (already in layout order) as one safetensors file.
+
+    Checksums are taken from the very buffers that are then written, so data is
+    never copied for writing. ``metadata`` may be a function of the finished
+    entries, for a header that must carry the checksums.
+
+    Returns:
+        The manifest entries of the tensors and the file's size in bytes.
+    """
+    buffers = [leaf_bytes(p.leaf.value) for p in planned]
+    entries = []
+    position = 0
+    for p, data in zip(planned, buffers, strict=True):
+        entries.append(
+            TensorEntry(
+                name=p.name, kind=p.kind, dtype=p.dtype, shape=p.shape, nbytes=p.nbytes, shard=shard,
+                offsets=(position, position + p.nbytes), checksum=checksum(data), device=p.device,
+            )
+        )  # fmt: skip
+        position += p.nbytes
+    header_metadata = metadata(entries) if callable(metadata) else (metadata or {})
+    header = _header_bytes(planned, [e.offsets for e in entries], header_metadata)
+    f.write(header)
+    for data in buffers:
+        if data.nbytes:
+            f.write(data)
+    return entries, len(header) + position
+
+
+@dataclass(frozen=True)
+class ShardHeader:
+    """A parsed safetensors header: tensors by name, the string metadata, where data starts."""
+
+    tensors: dict[str, dict[str, Any]]
+    metadata: dict[str, str]
+    data_start: int
+    size: int
+
+
+def read_header(storage: Storage, key: str) -> ShardHeader:
+    """Read and check a safetensors header without touching the tensor data.
+
+    Raises:
+        CorruptCheckpointError: the header is truncated, not JSON, or its offsets
+            or shapes do not fit the file.
+    """
+    where = storage.describe(key)
+    size = storage.size(key)
+
+    def corrupt(why: str, name: str | None = None) -> CorruptCheckpointError:
+        return CorruptCheckpointError(
+            f"{where!r} is not a valid safetensors file: {why}. The file is damaged or truncated; "
+            "restore it from a good copy.",
+            path=where,
+            key=name,
+        )
+
+    if size < 8:
+        raise corrupt(f"it is {size} bytes long, shorter than the 8-byte header length")
+    length = int.from_bytes(storage.read(key, 0, 8), "little")
+    if length > MAX_HEADER_BYTES:
+        raise corrupt(f"it declares a {length}-byte header, over the {MAX_HEADER_BYTES}-byte limit")
+    if 8 + length > size:
+        raise corrupt(f"it declares a {length}-byte header but holds {size - 8} bytes after the length")
+    try:
+        header = json.loads(storage.read(key, 8, length).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise corrupt(f"its header is not JSON ({exc})") from exc
+    if not isinstance(header, dict):
+        raise corrupt("its header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise corrupt("its __metadata__ is not a map of strings")
+    data_start = 8 + length
+    for name, info in header.items():
+        try:
+            code, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+            if not all(type(d) is int and d >= 0 for d in [*shape, begin, end]):
+                raise TypeError
+        except (KeyError, TypeError, ValueError):
+            raise corrupt(f"tensor {name!r} has a malformed entry", name) from None
+        if end < begin or data_start + end > size:
+            raise corrupt(f"tensor {name!r} spans bytes {begin}..{end}, beyond the file's data", name)
+        itemsize = _CODE_SIZES.get(code)
+        if itemsize is None:
+            raise UnsupportedFormatError(
+                f"Tensor {name!r} in {where!r} has dtype {code!r}, which this torchkeep cannot read.",
+                path=where,
+                key=name,
+            )
+        if math.prod(shape) * itemsize != end - begin:
+            raise corrupt(f"tensor {name!r} has shape {shape} but {end - begin} bytes", name)
+    return ShardHeader(tensors=header, metadata=metadata, data_start=data_start, size=size)
+
+
+def materialize(buf: memoryview, start: int, entry: TensorEntry, *, path: str) -> torch.Tensor | np.ndarray:
+    """A tensor or array viewing ``entry``'s bytes in ``buf`` in place (no copy)."""
+    from torchkeep.dtypes import numpy_dtype_from_name, torch_dtype_from_name
+
+    if entry.kind == "torch":
+        dtype = torch_dtype_from_name(entry.dtype, path=path, key=entry.name)
+        itemsize = dtype.itemsize
+    else:
+        np_dtype = numpy_dtype_from_name(entry.dtype, path=path, key=entry.name)
+        itemsize = np_dtype.itemsize
+    if math.prod(entry.shape) * itemsize != entry.nbytes:
+        raise CorruptCheckpointError(
+            f"Tensor {entry.name!r} in {path!r} claims shape {list(entry.shape)} of {entry.dtype} "
+            f"but {entry.nbytes} bytes; the manifest is damaged.",
+            path=path,
+            key=entry.name,
+        )
+    if entry.kind == "torch":
+        if entry.nbytes == 0:
+            return torch.empty(entry.shape, dtype=dtype)
+        flat = torch.frombuffer(buf, dtype=torch.uint8, count=entry.nbytes, offset=start)
+        if start % itemsize:
+            flat = flat.clone()  # misaligned (a foreign file): one copy so the dtype view is legal
+        return flat.view(dtype).reshape(entry.shape)
+    arr = np.frombuffer(buf, dtype=np.uint8, count=entry.nbytes, offset=start)
+    return arr.view(np_dtype).reshape(entry.shape)

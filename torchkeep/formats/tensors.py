@@ -1,0 +1,107 @@
+"""Reading and checking the tensors a manifest describes, for every safetensors-based format."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from torchkeep.errors import ChecksumMismatchError, CorruptCheckpointError
+from torchkeep.formats.shard import ShardHeader, materialize, read_header
+from torchkeep.integrity import checksum
+from torchkeep.manifest import Manifest
+from torchkeep.storage import Storage
+
+__all__ = ["OpenedCheckpoint", "read_arrays"]
+
+
+@dataclass(frozen=True)
+class OpenedCheckpoint:
+    """A checkpoint whose manifest has been read: where it is and where its shards are.
+
+    Foreign safetensors files get a manifest made up from their headers, with
+    empty checksums (they carry none).
+    """
+
+    format: str
+    path: str
+    manifest: Manifest
+    shard_keys: dict[str, str]
+
+
+def read_arrays(
+    storage: Storage,
+    opened: OpenedCheckpoint,
+    *,
+    verify: bool,
+    build: bool = True,
+    names: set[str] | None = None,
+) -> tuple[dict[str, torch.Tensor | np.ndarray], int]:
+    """Map the shards and view each tensor in place, checking checksums when ``verify``.
+
+    With ``build=False`` nothing is built: only the checks run (what ``verify`` needs).
+    Every damaged tensor is collected before raising, so one error names them all.
+
+    Returns:
+        The arrays by name and the number of bytes checked.
+
+    Raises:
+        ChecksumMismatchError: one or more tensors' bytes do not match their checksums.
+        CorruptCheckpointError: a shard is missing, truncated or disagrees with the manifest.
+    """
+    headers: dict[str, ShardHeader] = {}
+    buffers: dict[str, memoryview] = {}
+    arrays: dict[str, torch.Tensor | np.ndarray] = {}
+    damaged: list[str] = []
+    checked = 0
+    # File order, so the shards are read front to back.
+    ordered = sorted(opened.manifest.tensors, key=lambda e: (e.shard, e.offsets[0]))
+    for entry in ordered:
+        if names is not None and entry.name not in names:
+            continue
+        key = opened.shard_keys.get(entry.shard)
+        if key is None:
+            raise CorruptCheckpointError(
+                f"Tensor {entry.name!r} in {opened.path!r} points to shard {entry.shard!r}, "
+                "which the checkpoint does not list.",
+                path=opened.path,
+                key=entry.name,
+            )
+        if key not in headers:
+            headers[key] = read_header(storage, key)
+            buffers[key] = storage.map(key) if (build or verify) else memoryview(b"")
+        header, buf = headers[key], buffers[key]
+        stored = header.tensors.get(entry.name)
+        if stored is None or list(stored["data_offsets"]) != list(entry.offsets):
+            raise CorruptCheckpointError(
+                f"Tensor {entry.name!r} is described differently by the manifest and by shard "
+                f"{storage.describe(key)!r}; the checkpoint is damaged.",
+                path=storage.describe(key),
+                key=entry.name,
+            )
+        start = header.data_start + entry.offsets[0]
+        end = header.data_start + entry.offsets[1]
+        if end - start != entry.nbytes:
+            raise CorruptCheckpointError(
+                f"Tensor {entry.name!r} in {opened.path!r} spans {end - start} bytes but should hold "
+                f"{entry.nbytes}; the manifest is damaged.",
+                path=opened.path,
+                key=entry.name,
+            )
+        if verify and entry.checksum:
+            if checksum(buf[start:end]) != entry.checksum:
+                damaged.append(entry.name)
+                continue
+            checked += entry.nbytes
+        if build:
+            arrays[entry.name] = materialize(buf, start, entry, path=opened.path)
+    if damaged:
+        listed = ", ".join(repr(n) for n in damaged[:20]) + (f" and {len(damaged) - 20} more" if len(damaged) > 20 else "")
+        raise ChecksumMismatchError(
+            f"{opened.path!r} is damaged: {len(damaged)} tensor(s) fail their checksum: {listed}. "
+            "Restore the checkpoint from a good copy, or load an earlier one.",
+            path=opened.path,
+            damaged=damaged,
+        )
+    return arrays, checked

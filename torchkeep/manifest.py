@@ -1,0 +1,230 @@
+"""The manifest: what a native checkpoint holds, as versioned, human-readable JSON.
+
+``manifest.json`` is written last; its presence is what makes a directory a
+checkpoint. Layout (format version 1)::
+
+    {
+      "format": "torchkeep.checkpoint",
+      "format_version": 1,
+      "created": "2026-11-28T15:00:00.123456Z",
+      "provenance": {"torchkeep": "...", "torch": "...", "python": "...", "numpy": "..."},
+      "checksum_algorithm": "xxh3-64",
+      "metadata": {... the user's JSON ...},
+      "tree": <node, see torchkeep.tree>,
+      "shards": [{"file": "data-00000.safetensors", "size": 1234}],
+      "tensors": [{"name": "model.weight", "kind": "torch", "dtype": "float32",
+                   "shape": [4, 4], "device": "cpu", "shard": "data-00000.safetensors",
+                   "offsets": [0, 64], "checksum": "9f...", "nbytes": 64}]
+    }
+
+``offsets`` are relative to the start of the shard's data, as in safetensors.
+An unknown format version is refused, never guessed at.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from torchkeep._version import __version__
+from torchkeep.errors import CorruptCheckpointError, UnsupportedFormatError, UnsupportedObjectError
+from torchkeep.integrity import CHECKSUM_ALGORITHM
+
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MANIFEST_NAME", "Manifest", "ShardEntry", "TensorEntry"]
+
+FORMAT_NAME = "torchkeep.checkpoint"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+MAX_MANIFEST_BYTES = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor or array lives and how to check it.
+
+    ``kind`` is ``"torch"`` (dtype is a torch dtype name) or ``"numpy"`` (dtype is
+    a numpy ``dtype.str``).
+    """
+
+    name: str
+    kind: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    shard: str
+    offsets: tuple[int, int]
+    checksum: str
+    device: str = "cpu"
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["shape"] = list(self.shape)
+        out["offsets"] = list(self.offsets)
+        return out
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    """One data file of the checkpoint."""
+
+    file: str
+    size: int
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def provenance() -> dict[str, str]:
+    """The versions that wrote a checkpoint, recorded for whoever reads it later."""
+    return {
+        "torchkeep": __version__,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def check_metadata(metadata: object) -> dict[str, Any]:
+    """Validate user metadata: a JSON object with str keys and finite numbers."""
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        raise UnsupportedObjectError(
+            f"metadata must be a dict of JSON values, not {type(metadata).__name__}.", key="metadata"
+        )
+    try:
+        json.dumps(metadata, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise UnsupportedObjectError(
+            f"metadata is not plain JSON ({exc}); use str keys and str/int/float/bool/None/list/dict "
+            "values, with finite floats.",
+            key="metadata",
+        ) from exc
+    return metadata
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The parsed ``manifest.json`` of a native checkpoint."""
+
+    tree: Any
+    tensors: tuple[TensorEntry, ...]
+    shards: tuple[ShardEntry, ...]
+    metadata: dict[str, Any] = field(default_factory=dict)
+    created: str = field(default_factory=_now)
+    provenance: dict[str, str] = field(default_factory=provenance)
+    checksum_algorithm: str = CHECKSUM_ALGORITHM
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_NAME,
+            "format_version": self.format_version,
+            "created": self.created,
+            "provenance": self.provenance,
+            "checksum_algorithm": self.checksum_algorithm,
+            "metadata": self.metadata,
+            "tree": self.tree,
+            "shards": [asdict(s) for s in self.shards],
+            "tensors": [t.to_json() for t in self.tensors],
+        }
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(self.to_json(), indent=1, ensure_ascii=True, allow_nan=False).encode("ascii")
+
+    @classmethod
+    def from_json(cls, data: object, *, path: str | None = None) -> Manifest:
+        """Validate and parse a manifest's JSON.
+
+        Raises:
+            UnsupportedFormatError: not a torchkeep manifest, or a newer format version.
+            CorruptCheckpointError: a field is missing or has the wrong type.
+        """
+        if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
+            raise UnsupportedFormatError(f"{path!r} is not a torchkeep manifest.", path=path)
+        version = data.get("format_version")
+        if type(version) is not int or version < 1:
+            raise CorruptCheckpointError(f"{path!r} has an invalid format_version {version!r}.", path=path)
+        if version > FORMAT_VERSION:
+            raise UnsupportedFormatError(
+                f"{path!r} was written in checkpoint format {version}; this torchkeep "
+                f"({__version__}) reads formats up to {FORMAT_VERSION}. Upgrade torchkeep to load it.",
+                path=path,
+            )
+        try:
+            algorithm = data["checksum_algorithm"]
+            if algorithm != CHECKSUM_ALGORITHM:
+                raise UnsupportedFormatError(
+                    f"{path!r} uses checksum algorithm {algorithm!r}; this torchkeep knows {CHECKSUM_ALGORITHM!r}.",
+                    path=path,
+                )
+            shards = tuple(ShardEntry(file=_str(s["file"]), size=_int(s["size"])) for s in data["shards"])
+            tensors = tuple(_tensor_entry(t) for t in data["tensors"])
+            metadata = data["metadata"]
+            if not isinstance(metadata, dict):
+                raise TypeError("metadata is not an object")
+            return cls(
+                tree=data["tree"],
+                tensors=tensors,
+                shards=shards,
+                metadata=metadata,
+                created=_str(data["created"]),
+                provenance=dict(data["provenance"]),
+                checksum_algorithm=algorithm,
+                format_version=version,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, UnsupportedFormatError):
+                raise
+            raise CorruptCheckpointError(
+                f"The manifest of {path!r} is damaged: {type(exc).__name__}: {exc}.", path=path
+            ) from exc
+
+    @classmethod
+    def from_bytes(cls, raw: bytes, *, path: str | None = None) -> Manifest:
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise CorruptCheckpointError(
+                f"The manifest of {path!r} is not valid JSON ({exc}); the checkpoint is damaged.", path=path
+            ) from exc
+        return cls.from_json(data, path=path)
+
+
+def _str(value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, found {value!r}")
+    return value
+
+
+def _int(value: object) -> int:
+    if type(value) is not int or value < 0:
+        raise TypeError(f"expected a non-negative integer, found {value!r}")
+    return value
+
+
+def _tensor_entry(t: dict[str, Any]) -> TensorEntry:
+    begin, end = (_int(v) for v in t["offsets"])
+    if end < begin:
+        raise ValueError(f"tensor {t.get('name')!r} has offsets that run backwards")
+    kind = _str(t["kind"])
+    if kind not in ("torch", "numpy"):
+        raise ValueError(f"tensor {t.get('name')!r} has unknown kind {kind!r}")
+    return TensorEntry(
+        name=_str(t["name"]),
+        kind=kind,
+        dtype=_str(t["dtype"]),
+        shape=tuple(_int(d) for d in t["shape"]),
+        nbytes=_int(t["nbytes"]),
+        shard=_str(t["shard"]),
+        offsets=(begin, end),
+        checksum=_str(t["checksum"]),
+        device=_str(t.get("device", "cpu")),
+    )

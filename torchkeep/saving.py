@@ -1,0 +1,106 @@
+"""``torchkeep.save``: any state tree to a native checkpoint, a .safetensors or a .pth file."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from torchkeep.errors import CheckpointExistsError, InvalidArgumentError
+from torchkeep.formats.native import DEFAULT_MAX_SHARD_SIZE, write_native
+from torchkeep.formats.pth import write_pth
+from torchkeep.formats.safetensors_file import write_safetensors
+from torchkeep.formats.shard import plan_tensors
+from torchkeep.manifest import MANIFEST_NAME, check_metadata
+from torchkeep.storage import Storage, resolve
+from torchkeep.tree import encode_tree
+
+__all__ = ["save"]
+
+_TORCH_SUFFIXES = (".pth", ".pt")
+
+
+def format_for_path(key: str) -> str:
+    """The format a path asks for by its name."""
+    if key.endswith(".safetensors"):
+        return "safetensors"
+    if key.endswith(_TORCH_SUFFIXES):
+        return "torch-zip"
+    return "torchkeep"
+
+
+def _check_target(storage: Storage, key: str, fmt: str) -> None:
+    """Refuse to replace anything that is not a checkpoint of the same shape."""
+    if not storage.exists(key):
+        return
+    where = storage.describe(key)
+    if storage.is_dir(key):
+        if fmt == "torchkeep" and (not storage.list(key) or storage.exists(f"{key}/{MANIFEST_NAME}")):
+            return
+        raise CheckpointExistsError(
+            f"{where!r} is a directory that is not a torchkeep checkpoint; it is left untouched. "
+            "Remove it or save to another path.",
+            path=where,
+        )
+    if fmt == "torchkeep":
+        raise CheckpointExistsError(
+            f"{where!r} is a file, and a native checkpoint is a directory; the file is left untouched. "
+            "Remove it, save to another path, or add .safetensors or .pth to the name for a single file.",
+            path=where,
+        )
+
+
+def save(
+    obj: Any,
+    path: str | os.PathLike[str],
+    *,
+    metadata: dict[str, Any] | None = None,
+    compression: str | None = None,
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+    storage: Storage | None = None,
+) -> None:
+    """Save a state tree atomically; the format follows the path.
+
+    ``NAME.safetensors`` writes one safetensors file (the tree and checksums in
+    its header metadata), ``NAME.pth``/``NAME.pt`` a torch zip that
+    ``torch.load(path, weights_only=True)`` opens, and any other path a native
+    checkpoint directory. The new checkpoint appears at ``path`` only when it is
+    complete and fsync'd; an existing one there stays whole until then.
+
+    Args:
+        obj: dicts (str or int keys), lists and tuples of tensors, numpy arrays,
+            int, float, bool, str, bytes, None, torch.dtype, torch.device and
+            torch.Size. Identical views of one storage (tied weights) are stored once.
+        path: a file or directory path, or a URL (``memory://store/key``).
+        metadata: plain JSON kept with the checkpoint (not for ``.pth``).
+        compression: reserved; only None is supported in this version.
+        max_shard_size: bytes of tensor data per shard file in a native checkpoint.
+        storage: write into this storage, with ``path`` as the key.
+
+    Raises:
+        UnsupportedObjectError: a value cannot be saved; the message names its place.
+        CheckpointExistsError: ``path`` holds data that is not a checkpoint.
+        StorageError: writing failed (disk full, permissions); nothing is left behind.
+
+    Example:
+        >>> torchkeep.save({"model": model.state_dict(), "epoch": 3}, "ckpt/epoch-3")
+    """
+    if compression is not None:
+        raise InvalidArgumentError(f"compression={compression!r} is not supported; use compression=None.")
+    if type(max_shard_size) is not int or max_shard_size <= 0:
+        raise InvalidArgumentError(f"max_shard_size must be a positive int of bytes, not {max_shard_size!r}.")
+    st, key = resolve(path, storage)
+    fmt = format_for_path(key)
+    meta = check_metadata(metadata)
+    if fmt == "torch-zip" and meta:
+        raise InvalidArgumentError(
+            "A .pth file has no place for metadata; save to a native checkpoint or a .safetensors file, "
+            "or put the values inside the saved dict."
+        )
+    tree, leaves = encode_tree(obj, numpy_ok=fmt != "torch-zip")
+    _check_target(st, key, fmt)
+    if fmt == "torch-zip":
+        write_pth(st, key, obj)
+    elif fmt == "safetensors":
+        write_safetensors(st, key, tree, plan_tensors(leaves), meta)
+    else:
+        write_native(st, key, tree, plan_tensors(leaves), meta, max_shard_size=max_shard_size)

@@ -1,0 +1,48 @@
+"""Storage backends, chosen by URL scheme; see :mod:`torchkeep.storage.base` for the protocol."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+from torchkeep.errors import InvalidArgumentError
+from torchkeep.storage.base import Storage, Transaction
+from torchkeep.storage.local import LocalStorage
+from torchkeep.storage.memory import MemoryStorage
+
+__all__ = ["LocalStorage", "MemoryStorage", "Storage", "Transaction", "resolve"]
+
+_SCHEMES = ("file", "memory")
+_memory_stores: dict[str, MemoryStorage] = {}
+_memory_lock = threading.Lock()
+
+
+def resolve(path: str | os.PathLike[str], storage: Storage | None = None) -> tuple[Storage, str]:
+    """Split a user's path or URL into a storage and the key of the entry in it.
+
+    A plain path or ``file://`` URL gives a :class:`LocalStorage` rooted at the
+    parent directory. ``memory://NAME/KEY`` gives the process-wide
+    :class:`MemoryStorage` called NAME. With ``storage`` given, ``path`` is a key
+    inside it.
+    """
+    text = os.fspath(path)
+    if storage is not None:
+        return storage, text.strip("/")
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        scheme, rest = "file", text
+    if scheme == "file":
+        full = os.path.abspath(rest)
+        parent, name = os.path.split(full.rstrip(os.sep) or os.sep)
+        if not name:
+            raise InvalidArgumentError(f"{text!r} names no checkpoint: give a file or directory path.")
+        return LocalStorage(parent), name
+    if scheme == "memory":
+        store_name, _, key = rest.partition("/")
+        if not store_name or not key:
+            raise InvalidArgumentError(f"{text!r} is not a memory URL: use memory://STORE/KEY.")
+        with _memory_lock:
+            store = _memory_stores.setdefault(store_name, MemoryStorage())
+        return store, key.strip("/")
+    known = ", ".join(f"{s}://" for s in _SCHEMES)
+    raise InvalidArgumentError(f"Unknown storage scheme {scheme + '://'!r} in {text!r}; known schemes: {known}.")

@@ -1,0 +1,105 @@
+"""The storage protocol: the only layer that moves bytes.
+
+A storage holds *entries* addressed by keys (``"run/step-10"``). An entry is
+either a single object or a directory of objects (``"run/step-10/manifest.json"``).
+Nothing above this layer opens files; nothing in it knows what a tensor is.
+
+Writing goes through a :class:`Transaction`. The call order is fixed:
+
+1. ``storage.begin(key, directory=...)`` reserves a private staging place and
+   removes staging left behind by writers that died;
+2. ``txn.open(name)`` once per object, writing and closing each; closing makes
+   the object durable (fsync on a local disk);
+3. ``txn.commit()`` publishes the whole entry at ``key`` atomically, replacing
+   an earlier entry there only once the new one is complete; or
+   ``txn.abort()`` throws the staging away.
+
+Until ``commit`` returns, readers see the previous entry (or none) and
+:meth:`Storage.list` never shows the staged one.
+"""
+
+from __future__ import annotations
+
+from typing import BinaryIO, Protocol, runtime_checkable
+
+__all__ = ["Storage", "Transaction"]
+
+
+@runtime_checkable
+class Transaction(Protocol):
+    """A staged write of one entry; see the module docstring for the call order."""
+
+    key: str
+
+    def open(self, name: str = "") -> BinaryIO:
+        """A writable binary file for object ``name`` inside the entry.
+
+        ``name`` is ``""`` for a single-object entry. The object is durable once
+        the returned file is closed.
+        """
+        ...
+
+    def commit(self) -> None:
+        """Publish the entry atomically at ``key``."""
+        ...
+
+    def abort(self) -> None:
+        """Discard everything staged; safe to call more than once."""
+        ...
+
+
+@runtime_checkable
+class Storage(Protocol):
+    """Where checkpoint bytes live: a local directory, memory, later an object store.
+
+    Keys use ``/`` as separator and are relative to the storage's root.
+    Reads raise :class:`~torchkeep.errors.CheckpointNotFoundError` for a key
+    that is not there and :class:`~torchkeep.errors.StorageError` when the
+    backend fails.
+    """
+
+    def describe(self, key: str) -> str:
+        """A human-readable location for ``key``, used in error messages."""
+        ...
+
+    def exists(self, key: str) -> bool:
+        """Whether a committed object or directory entry exists at ``key``."""
+        ...
+
+    def is_dir(self, key: str) -> bool:
+        """Whether ``key`` is a directory entry."""
+        ...
+
+    def list(self, prefix: str = "") -> list[str]:
+        """Names directly under directory ``prefix``, sorted; staging is never listed."""
+        ...
+
+    def size(self, key: str) -> int:
+        """Size in bytes of the object at ``key``."""
+        ...
+
+    def read(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
+        """``length`` bytes (all remaining when None) of object ``key`` from ``offset``.
+
+        Fewer bytes come back only when the object ends first.
+        """
+        ...
+
+    def map(self, key: str) -> memoryview:
+        """The whole object as a writable, copy-on-write buffer, zero-copy where possible.
+
+        Writing into the buffer never changes the stored object.
+        """
+        ...
+
+    def local_path(self, key: str) -> str | None:
+        """A filesystem path for ``key`` when the storage is a local disk, else None."""
+        ...
+
+    def begin(self, key: str, *, directory: bool) -> Transaction:
+        """Start a staged write of the entry at ``key``."""
+        ...
+
+    def delete(self, key: str) -> None:
+        """Remove the entry at ``key`` (an object or a whole directory) if present."""
+        ...

@@ -1,0 +1,292 @@
+"""Turning a state tree into JSON nodes plus named arrays, and back.
+
+A state tree is made of dicts (str or int keys), lists and tuples whose leaves
+are tensors, numpy arrays and plain values. Plain values are written as JSON
+directly (int, finite float, bool, str, None); everything else is a JSON object
+tagged with ``"t"``, so the manifest stays readable and round-trips exactly:
+an int stays an int, a tuple a tuple, a NaN keeps its bits. Anything else is
+refused with its place in the tree, because the alternative is pickle.
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import json
+import math
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from torchkeep.dtypes import check_savable_dtype, torch_dtype_from_name, torch_dtype_name
+from torchkeep.errors import CorruptCheckpointError, UnsupportedObjectError
+
+__all__ = ["ArrayLeaf", "decode_tree", "encode_tree", "location"]
+
+MAX_DEPTH = 256
+_PLAIN = (type(None), bool, int, str)
+
+
+@dataclass(eq=False)
+class ArrayLeaf:
+    """One tensor or numpy array found in a tree, under its unique name."""
+
+    name: str
+    value: torch.Tensor | np.ndarray
+
+
+def location(parts: tuple[object, ...] | list[object], root: str = "state") -> str:
+    """``("optimizer", "param_groups", 0)`` -> ``state["optimizer"]["param_groups"][0]``."""
+    return root + "".join(f"[{json.dumps(p)}]" if isinstance(p, str) else f"[{p}]" for p in parts)
+
+
+def _unsupported(parts: list[object], what: str, fix: str) -> UnsupportedObjectError:
+    where = location(parts)
+    return UnsupportedObjectError(f"Cannot save {where}: {what}. {fix}", key=where)
+
+
+class _Encoder:
+    def __init__(self, *, numpy_ok: bool) -> None:
+        self.numpy_ok = numpy_ok
+        self.leaves: list[ArrayLeaf] = []
+        self._names: set[str] = set()
+        self._by_view: dict[tuple[object, ...], str] = {}
+        self._active: set[int] = set()
+
+    def name_for(self, parts: list[object]) -> str:
+        base = ".".join(str(p) for p in parts) or "tensor"
+        name, n = base, 1
+        while name in self._names:
+            n += 1
+            name = f"{base}#{n}"
+        self._names.add(name)
+        return name
+
+    def encode(self, obj: Any, parts: list[object]) -> Any:
+        kind = type(obj)
+        if kind in _PLAIN:
+            return obj
+        if kind is float:
+            if math.isfinite(obj):
+                return obj
+            return {"t": "float", "bits": struct.pack(">d", obj).hex()}
+        if isinstance(obj, torch.Tensor):
+            return self.tensor(obj, parts)
+        if kind is np.ndarray or isinstance(obj, np.generic):
+            return self.array(obj, parts)
+        if kind is torch.Size:
+            return {"t": "size", "v": list(obj)}
+        if kind is torch.dtype:
+            return {"t": "dtype", "v": torch_dtype_name(obj)}
+        if kind is torch.device:
+            return {"t": "device", "v": str(obj)}
+        if kind is bytes:
+            return {"t": "bytes", "b64": base64.b64encode(obj).decode("ascii")}
+        if kind in (dict, collections.OrderedDict, list, tuple):
+            return self.container(obj, parts)
+        raise self.refusal(obj, parts)
+
+    def container(self, obj: Any, parts: list[object]) -> dict[str, Any]:
+        if len(parts) >= MAX_DEPTH:
+            raise _unsupported(parts, f"the tree is nested deeper than {MAX_DEPTH} levels", "Flatten it.")
+        if id(obj) in self._active:
+            raise _unsupported(parts, "the tree contains itself (a cycle)", "Break the cycle before saving.")
+        self._active.add(id(obj))
+        try:
+            if isinstance(obj, dict):
+                items = []
+                for key, value in obj.items():
+                    if type(key) not in (str, int):
+                        raise _unsupported(
+                            [*parts, repr(key)],
+                            f"its key {key!r} is a {type(key).__name__}",
+                            "Keys must be str or int; convert the key.",
+                        )
+                    items.append([key, self.encode(value, [*parts, key])])
+                node: dict[str, Any] = {"t": "odict" if type(obj) is collections.OrderedDict else "dict"}
+                node["items"] = items
+                extra = getattr(obj, "_metadata", None)
+                if node["t"] == "odict" and extra is not None:
+                    # nn.Module state dicts carry per-module versions used by load_state_dict.
+                    node["module_metadata"] = self.encode(extra, [*parts, "_metadata"])
+                return node
+            tag = "list" if type(obj) is list else "tuple"
+            return {"t": tag, "items": [self.encode(v, [*parts, i]) for i, v in enumerate(obj)]}
+        finally:
+            self._active.discard(id(obj))
+
+    def tensor(self, obj: torch.Tensor, parts: list[object]) -> dict[str, Any]:
+        where = location(parts)
+        if type(obj) not in (torch.Tensor, torch.nn.Parameter):
+            raise _unsupported(
+                parts,
+                f"it is a tensor subclass ({type(obj).__name__})",
+                "Save a plain tensor instead (for example obj.as_subclass(torch.Tensor) or its full_tensor()).",
+            )
+        if obj.layout != torch.strided or obj.is_nested:
+            raise _unsupported(
+                parts, f"it is a {obj.layout} tensor", "Convert it with .to_dense() or save its components."
+            )
+        if obj.device.type == "meta":
+            raise _unsupported(
+                parts, "it is on the meta device and has no data", "Materialize it (to_empty() and initialize) first."
+            )
+        check_savable_dtype(obj.dtype, where)
+        node: dict[str, Any] = {"t": "tensor"}
+        view = (obj.untyped_storage().data_ptr(), obj.storage_offset(), *obj.shape, *obj.stride(),
+                obj.dtype, str(obj.device), obj.dim())  # fmt: skip
+        shared = self._by_view.get(view) if obj.numel() else None
+        if shared is None:
+            shared = self.name_for(parts)
+            self.leaves.append(ArrayLeaf(shared, obj))
+            if obj.numel():
+                self._by_view[view] = shared
+        node["name"] = shared
+        if type(obj) is torch.nn.Parameter:
+            node["parameter"] = True
+        if obj.requires_grad:
+            node["requires_grad"] = True
+        return node
+
+    def array(self, obj: Any, parts: list[object]) -> dict[str, Any]:
+        if not self.numpy_ok:
+            raise _unsupported(
+                parts,
+                "it is a numpy value, which torch.load(weights_only=True) cannot open",
+                "Convert it with torch.from_numpy(), or save to a native or .safetensors checkpoint.",
+            )
+        scalar = isinstance(obj, np.generic)
+        arr = np.asarray(obj)
+        if arr.dtype.hasobject or arr.dtype.fields is not None or arr.dtype.kind == "V":
+            raise _unsupported(
+                parts,
+                f"it is a numpy array of dtype {arr.dtype}, which holds Python objects or records",
+                "Save plain numeric arrays, one per field.",
+            )
+        name = self.name_for(parts)
+        self.leaves.append(ArrayLeaf(name, arr))
+        node: dict[str, Any] = {"t": "ndarray", "name": name}
+        if scalar:
+            node["scalar"] = True
+        return node
+
+    def refusal(self, obj: Any, parts: list[object]) -> UnsupportedObjectError:
+        kind = type(obj)
+        if callable(obj) and not isinstance(obj, type) and kind.__name__ in ("function", "builtin_function_or_method"):
+            what = "it is a function"
+        elif isinstance(obj, tuple) and hasattr(obj, "_fields"):
+            what = f"it is a named tuple ({kind.__name__})"
+        else:
+            what = f"it is a {kind.__module__}.{kind.__qualname__}"
+        return _unsupported(
+            parts,
+            what + ", and torchkeep saves tensors, arrays, containers and plain values without pickle",
+            "Save its state_dict() or convert it to a dict/list of supported values.",
+        )
+
+
+def encode_tree(obj: Any, *, numpy_ok: bool = True) -> tuple[Any, list[ArrayLeaf]]:
+    """Encode a state tree as a JSON node and the arrays it holds.
+
+    Tensors that are the same view of the same storage (tied weights) become
+    one leaf referenced from every place they appear.
+
+    Raises:
+        UnsupportedObjectError: a value cannot be saved; the message names its place.
+    """
+    encoder = _Encoder(numpy_ok=numpy_ok)
+    return encoder.encode(obj, []), encoder.leaves
+
+
+class _Decoder:
+    def __init__(self, arrays: Mapping[str, Any], path: str | None, placeholders: bool) -> None:
+        self.arrays = arrays
+        self.path = path
+        self.placeholders = placeholders
+        self._parameters: dict[str, torch.nn.Parameter] = {}
+
+    def fail(self, parts: list[object], why: str) -> CorruptCheckpointError:
+        where = location(parts)
+        return CorruptCheckpointError(
+            f"The tree in {self.path!r} is damaged at {where}: {why}.", path=self.path, key=where
+        )
+
+    def decode(self, node: Any, parts: list[object]) -> Any:
+        if node is None or type(node) in (bool, int, float, str):
+            return node
+        if type(node) is not dict or not isinstance(node.get("t"), str):
+            raise self.fail(parts, f"expected a value or a tagged object, found {type(node).__name__}")
+        if len(parts) > MAX_DEPTH:
+            raise self.fail(parts, f"nested deeper than {MAX_DEPTH} levels")
+        tag = node["t"]
+        try:
+            if tag in ("dict", "odict"):
+                out: dict[Any, Any] = {} if tag == "dict" else collections.OrderedDict()
+                for item in node["items"]:
+                    key, value = item
+                    if type(key) not in (str, int):
+                        raise self.fail(parts, f"key {key!r} is not a str or int")
+                    out[key] = self.decode(value, [*parts, key])
+                if "module_metadata" in node:
+                    out._metadata = self.decode(node["module_metadata"], [*parts, "_metadata"])  # type: ignore[attr-defined]
+                return out
+            if tag == "list":
+                return [self.decode(v, [*parts, i]) for i, v in enumerate(node["items"])]
+            if tag == "tuple":
+                return tuple(self.decode(v, [*parts, i]) for i, v in enumerate(node["items"]))
+            if tag == "tensor":
+                return self.tensor(node, parts)
+            if tag == "ndarray":
+                arr = self.array(node["name"], parts)
+                return arr[()] if node.get("scalar") and not self.placeholders else arr
+            if tag == "float":
+                return struct.unpack(">d", bytes.fromhex(node["bits"]))[0]
+            if tag == "bytes":
+                return base64.b64decode(node["b64"], validate=True)
+            if tag == "size":
+                return torch.Size([int(v) for v in node["v"]])
+            if tag == "dtype":
+                return torch_dtype_from_name(node["v"], path=self.path, key=location(parts))
+            if tag == "device":
+                return torch.device(node["v"])
+        except CorruptCheckpointError:
+            raise
+        except (KeyError, TypeError, ValueError, RuntimeError, struct.error) as exc:
+            raise self.fail(parts, f"malformed {tag!r} node ({exc})") from exc
+        raise self.fail(parts, f"unknown node type {tag!r}")
+
+    def array(self, name: object, parts: list[object]) -> Any:
+        if not isinstance(name, str) or name not in self.arrays:
+            raise self.fail(parts, f"it refers to tensor {name!r}, which the checkpoint does not hold")
+        return self.arrays[name]
+
+    def tensor(self, node: dict[str, Any], parts: list[object]) -> torch.Tensor:
+        name = node["name"]
+        value = self.array(name, parts)
+        if self.placeholders:
+            return value
+        if not isinstance(value, torch.Tensor):
+            raise self.fail(parts, f"{name!r} is not a tensor")
+        if node.get("parameter"):
+            if name not in self._parameters:
+                self._parameters[name] = torch.nn.Parameter(value, requires_grad=bool(node.get("requires_grad")))
+            return self._parameters[name]
+        if node.get("requires_grad") and not value.requires_grad:
+            value.requires_grad_(True)
+        return value
+
+
+def decode_tree(node: Any, arrays: Mapping[str, Any], *, path: str | None = None, placeholders: bool = False) -> Any:
+    """Rebuild a tree from its JSON node and its arrays by name.
+
+    With ``placeholders``, ``arrays`` may hold any stand-in (such as a
+    :class:`~torchkeep.info.TensorInfo`), put in place as it is.
+
+    Raises:
+        CorruptCheckpointError: the node is malformed or names a missing array.
+    """
+    return _Decoder(arrays, path, placeholders).decode(node, [])
