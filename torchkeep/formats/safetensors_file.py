@@ -27,21 +27,23 @@ def write_safetensors(
     storage: Storage, key: str, tree: Any, planned: list[PlannedTensor], metadata: dict[str, Any]
 ) -> Manifest:
     """Write one ``.safetensors`` file atomically, the manifest inside its header."""
+    written: list[Manifest] = []
+
+    def header_metadata(entries: list[TensorEntry]) -> dict[str, str]:
+        # The header must carry the checksums, so it is built once they are known.
+        manifest = Manifest(tree=tree, tensors=tree_order(entries, planned), shards=(), metadata=metadata)
+        written.append(manifest)
+        return {"format": "pt", _META_KEY: manifest.to_bytes().decode("ascii")}
+
     txn = storage.begin(key, directory=False)
     try:
         with txn.open() as f:
-
-            def header_metadata(entries: list[TensorEntry]) -> dict[str, str]:
-                manifest = Manifest(tree=tree, tensors=tree_order(entries, planned), shards=(), metadata=metadata)
-                header_metadata.manifest = manifest  # type: ignore[attr-defined]
-                return {"format": "pt", _META_KEY: manifest.to_bytes().decode("ascii")}
-
             write_shard(f, planned, "", header_metadata)
         txn.commit()
     except BaseException:
         txn.abort()
         raise
-    return header_metadata.manifest  # type: ignore[attr-defined,no-any-return]
+    return written[0]
 
 
 def _foreign_entries(header: ShardHeader, shard: str) -> list[TensorEntry]:

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -107,9 +107,9 @@ def leaf_bytes(value: torch.Tensor | np.ndarray) -> memoryview:
         if t.device.type != "cpu":
             t = t.cpu()
         t = t.contiguous()
-        return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+        return t.reshape(-1).view(torch.uint8).numpy().data
     arr = np.ascontiguousarray(value)
-    return memoryview(arr.reshape(-1).view(np.uint8))
+    return arr.reshape(-1).view(np.uint8).data
 
 
 def _header_bytes(planned: list[PlannedTensor], offsets: list[tuple[int, int]], metadata: dict[str, str]) -> bytes:

@@ -97,7 +97,9 @@ def read_arrays(
         if build:
             arrays[entry.name] = materialize(buf, start, entry, path=opened.path)
     if damaged:
-        listed = ", ".join(repr(n) for n in damaged[:20]) + (f" and {len(damaged) - 20} more" if len(damaged) > 20 else "")
+        listed = ", ".join(repr(n) for n in damaged[:20]) + (
+            f" and {len(damaged) - 20} more" if len(damaged) > 20 else ""
+        )
         raise ChecksumMismatchError(
             f"{opened.path!r} is damaged: {len(damaged)} tensor(s) fail their checksum: {listed}. "
             "Restore the checkpoint from a good copy, or load an earlier one.",

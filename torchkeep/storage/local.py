@@ -144,7 +144,7 @@ class _LocalTransaction:
                 raise InvalidArgumentError("A single-object entry takes no object name.")
             path = self._staging
         try:
-            return _DurableFile(path, "wb")  # type: ignore[return-value]
+            return _DurableFile(path, "wb")
         except OSError as exc:
             raise _storage_error("create", path, exc) from exc
 

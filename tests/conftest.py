@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+QUANTIZED = {torch.qint8, torch.quint8, torch.qint32, torch.quint4x2, torch.quint2x4}
+ALL_DTYPES = sorted(
+    {v for v in vars(torch).values() if isinstance(v, torch.dtype) and v not in QUANTIZED},
+    key=str,
+)
+
+
+def random_tensor(dtype: torch.dtype, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    """Random bytes viewed as ``dtype``: every bit pattern, NaNs included."""
+    g = torch.Generator().manual_seed(seed)
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=g)
+    return raw.view(dtype).reshape(shape)
+
+
+def assert_same(a: Any, b: Any, where: str = "state") -> None:
+    """Bit-exact, type-exact comparison of two trees."""
+    assert type(a) is type(b), f"{where}: {type(a)} != {type(b)}"
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape, f"{where}: {a.dtype}{a.shape} != {b.dtype}{b.shape}"
+        assert a.requires_grad == b.requires_grad, where
+        ac, bc = (x.detach().cpu().resolve_conj().resolve_neg().contiguous() for x in (a, b))
+        assert torch.equal(ac.reshape(-1).view(torch.uint8), bc.reshape(-1).view(torch.uint8)), where
+    elif isinstance(a, np.ndarray):
+        assert a.dtype == b.dtype and a.shape == b.shape, where
+        assert a.tobytes() == b.tobytes(), where
+    elif isinstance(a, np.generic):
+        assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), where
+    elif isinstance(a, dict):
+        assert list(a.keys()) == list(b.keys()), where
+        for k in a:
+            assert_same(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, f"{where}[{i}]")
+    elif isinstance(a, float) and math.isnan(a):
+        assert np.float64(a).tobytes() == np.float64(b).tobytes(), where
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def train_state(seed: int = 0) -> dict[str, Any]:
+    """A small real training state: model, AdamW after two steps, scheduler, RNG."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.Linear(16, 4))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    for _ in range(2):
+        model(torch.randn(5, 8)).pow(2).mean().backward()
+        opt.step()
+        sched.step()
+    return {
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()},
+        "epoch": 2,
+    }
+
+
+@pytest.fixture
+def state() -> dict[str, Any]:
+    return train_state()
