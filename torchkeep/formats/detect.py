@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from torchkeep.errors import CheckpointNotFoundError, UnsupportedFormatError
+from torchkeep.errors import CheckpointNotFoundError, UnsafeCheckpointError, UnsupportedFormatError
 from torchkeep.manifest import MANIFEST_NAME
 from torchkeep.storage import Storage
 
@@ -13,6 +13,9 @@ SAFETENSORS = "safetensors"
 SAFETENSORS_SHARDED = "safetensors-sharded"
 TORCH_ZIP = "torch-zip"
 TORCH_LEGACY = "torch-legacy"
+
+# torch's legacy (non-zip) files open with its magic number pickled at protocol 2.
+_TORCH_LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 
 
 def detect_format(storage: Storage, key: str) -> str:
@@ -42,10 +45,21 @@ def detect_format(storage: Storage, key: str) -> str:
     head = storage.read(key, 0, 16)
     if head[:4] == b"PK\x03\x04":
         return TORCH_ZIP
-    if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
+    if head.startswith(_TORCH_LEGACY_MAGIC):
         return TORCH_LEGACY
+    if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
+        raise UnsafeCheckpointError(
+            f"{path!r} is a plain pickle, not a torch or safetensors file; torchkeep never unpickles "
+            "arbitrary data. Re-save the tensors with torchkeep.save or safetensors.",
+            path=path,
+        )
     if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") > 1:
         return SAFETENSORS
+    # The bytes match nothing: trust the name, so that a damaged file gets its format's error.
+    if key.endswith(".safetensors"):
+        return SAFETENSORS
+    if key.endswith((".pth", ".pt")):
+        return TORCH_ZIP
     raise UnsupportedFormatError(
         f"{path!r} is not a checkpoint torchkeep can read (first bytes {head[:8]!r}); it reads native "
         "checkpoint directories, .safetensors (single or sharded with an index) and torch .pth/.pt files.",
