@@ -51,7 +51,10 @@ def test_reads_foreign_safetensors_as_flat_dict(tmp_path: Any) -> None:
 def test_reads_sharded_safetensors_with_index(tmp_path: Any) -> None:
     model = tmp_path / "model"
     model.mkdir()
-    parts = {"model-00001-of-00002.safetensors": {"a": torch.ones(2)}, "model-00002-of-00002.safetensors": {"b": torch.zeros(3)}}
+    parts = {
+        "model-00001-of-00002.safetensors": {"a": torch.ones(2)},
+        "model-00002-of-00002.safetensors": {"b": torch.zeros(3)},
+    }
     weight_map = {}
     for file, tensors in parts.items():
         safetensors.torch.save_file(tensors, model / file)
@@ -76,13 +79,8 @@ def test_map_location_forms(tmp_path: Any) -> None:
         assert torchkeep.load(path, map_location="cpu")["x"].device.type == "cpu"
         assert torchkeep.load(path, map_location=torch.device("cpu"))["x"].device.type == "cpu"
         assert torchkeep.load(path, map_location={"cuda:0": "cpu"})["x"].device.type == "cpu"
-        seen = []
-
-        def placer(tensor: Any, location: str) -> Any:
-            seen.append(location)
-            return tensor
-
-        torchkeep.load(path, map_location=placer)
+        seen: list[str] = []
+        torchkeep.load(path, map_location=lambda tensor, location, seen=seen: seen.append(location) or tensor)
         assert seen == ["cpu"]
 
 
@@ -107,7 +105,9 @@ def test_saved_device_is_recorded_and_loads_on_cpu_by_default(tmp_path: Any) -> 
 
 @pytest.mark.parametrize("name", ["ckpt", "ckpt.safetensors", "ckpt.pth"])
 def test_dtype_casts_floating_tensors_only(tmp_path: Any, name: str) -> None:
-    torchkeep.save({"w": torch.randn(3), "i": torch.arange(3), "nested": [torch.ones(1, dtype=torch.float64)]}, tmp_path / name)
+    torchkeep.save(
+        {"w": torch.randn(3), "i": torch.arange(3), "nested": [torch.ones(1, dtype=torch.float64)]}, tmp_path / name
+    )
     loaded = torchkeep.load(tmp_path / name, dtype=torch.bfloat16)
     assert loaded["w"].dtype == torch.bfloat16
     assert loaded["nested"][0].dtype == torch.bfloat16
@@ -156,7 +156,7 @@ def test_missing_path(tmp_path: Any) -> None:
 def test_directory_without_manifest_is_not_a_checkpoint(tmp_path: Any) -> None:
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "data-00000.safetensors").write_bytes(b"x")
-    with pytest.raises(torchkeep.CheckpointNotFoundError, match="manifest.json"):
+    with pytest.raises(torchkeep.CheckpointNotFoundError, match=r"manifest\.json"):
         torchkeep.load(tmp_path / "half")
 
 
@@ -208,7 +208,15 @@ def test_random_bytes_raise_typed_errors(tmp_path: Any, suffix: str) -> None:
 
 @pytest.mark.parametrize(
     "manifest",
-    [b"", b"{", b"[]", b"null", b'{"format": "other"}', b"\xff\xfe", json.dumps({"format": "torchkeep.checkpoint"}).encode()],
+    [
+        b"",
+        b"{",
+        b"[]",
+        b"null",
+        b'{"format": "other"}',
+        b"\xff\xfe",
+        json.dumps({"format": "torchkeep.checkpoint"}).encode(),
+    ],
 )
 def test_garbage_manifest_raises_typed_error(tmp_path: Any, manifest: bytes) -> None:
     torchkeep.save({"w": torch.ones(2)}, tmp_path / "ckpt")
@@ -253,7 +261,9 @@ def test_unknown_tree_node_is_refused(tmp_path: Any) -> None:
     manifest = json.loads(path.read_text())
     manifest["tree"]["items"][0][1] = {"t": "pickle", "data": "..."}
     path.write_text(json.dumps(manifest))
-    with pytest.raises(torchkeep.CorruptCheckpointError, match=r"damaged at state\[\"w\"\]: unknown node type 'pickle'"):
+    with pytest.raises(
+        torchkeep.CorruptCheckpointError, match=r"damaged at state\[\"w\"\]: unknown node type 'pickle'"
+    ):
         torchkeep.load(tmp_path / "ckpt")
 
 

@@ -185,6 +185,32 @@ class _LocalTransaction:
         _remove(self._staging)
 
 
+def _recover_moved_aside(directory: str, only: str | None = None) -> set[str]:
+    """Put back entries a dead writer moved aside and never replaced (filesystems without exchange).
+
+    Returns the names restored.
+    """
+    restored: set[str] = set()
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return restored
+    for name in names:
+        if _OLD not in name or not name.startswith("."):
+            continue
+        base = name[1 : name.index(_OLD)]
+        pid = _owner_pid(name)
+        if (only is not None and base != only) or pid is None or _pid_alive(pid):
+            continue
+        target = os.path.join(directory, base)
+        if not os.path.lexists(target):
+            with contextlib.suppress(OSError):
+                os.rename(os.path.join(directory, name), target)
+                _fsync_dir(directory)
+                restored.add(base)
+    return restored
+
+
 def _split_key(key: str) -> list[str]:
     parts = key.split("/")
     for part in parts:
@@ -224,7 +250,11 @@ class LocalStorage:
         return self._path(key)
 
     def exists(self, key: str) -> bool:
-        return os.path.exists(self._path(key))
+        path = self._path(key)
+        if os.path.exists(path):
+            return True
+        parent, base = os.path.split(path)
+        return base in _recover_moved_aside(parent, base)
 
     def is_dir(self, key: str) -> bool:
         return os.path.isdir(self._path(key))
@@ -232,13 +262,13 @@ class LocalStorage:
     def list(self, prefix: str = "") -> list[str]:
         path = self._path(prefix)
         try:
-            names = os.listdir(path)
-        except FileNotFoundError:
-            return []
-        except NotADirectoryError:
+            names = set(os.listdir(path))
+        except (FileNotFoundError, NotADirectoryError):
             return []
         except OSError as exc:
             raise _storage_error("list", path, exc) from exc
+        if any(_OLD in name for name in names):
+            names |= _recover_moved_aside(path)
         return sorted(name for name in names if not _is_internal(name))
 
     def size(self, key: str) -> int:
@@ -284,23 +314,16 @@ class LocalStorage:
             raise _storage_error("delete", path, exc) from exc
 
     def _clean_stale(self, directory: str) -> None:
-        """Remove staging and trash whose writer died; put back entries it had moved aside."""
+        """Put back entries a dead writer had moved aside, then remove what else it left."""
+        _recover_moved_aside(directory)
         try:
             names = os.listdir(directory)
         except OSError:
             return
         for name in names:
             pid = _owner_pid(name) if _is_internal(name) else None
-            if pid is None or _pid_alive(pid):
-                continue
-            path = os.path.join(directory, name)
-            if _OLD in name:
-                target = os.path.join(directory, name[1 : name.index(_OLD)])
-                if not os.path.lexists(target):
-                    with contextlib.suppress(OSError):
-                        os.rename(path, target)
-                        continue
-            _remove(path)
+            if pid is not None and not _pid_alive(pid):
+                _remove(os.path.join(directory, name))
 
     @contextlib.contextmanager
     def _translate(self, action: str, path: str) -> Iterator[None]:
