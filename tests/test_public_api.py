@@ -1,0 +1,62 @@
+"""The names users type, and the error tree they catch."""
+
+from __future__ import annotations
+
+import torchkeep
+from torchkeep import errors
+
+
+def test_public_names_are_pinned() -> None:
+    assert torchkeep.__all__ == sorted(torchkeep.__all__, key=lambda n: (n.startswith("_"), n))
+    assert set(torchkeep.__all__) == {
+        "CheckpointExistsError",
+        "CheckpointInfo",
+        "CheckpointNotFoundError",
+        "ChecksumMismatchError",
+        "CorruptCheckpointError",
+        "InvalidArgumentError",
+        "LocalStorage",
+        "MemoryStorage",
+        "Storage",
+        "StorageError",
+        "TensorInfo",
+        "TorchkeepError",
+        "Transaction",
+        "UnsafeCheckpointError",
+        "UnsupportedFormatError",
+        "UnsupportedObjectError",
+        "VerifyReport",
+        "__version__",
+        "inspect",
+        "load",
+        "save",
+        "verify",
+    }
+    for name in torchkeep.__all__:
+        assert hasattr(torchkeep, name)
+
+
+def test_every_error_is_a_torchkeep_error_and_a_builtin() -> None:
+    builtins = {
+        errors.CheckpointNotFoundError: FileNotFoundError,
+        errors.CheckpointExistsError: FileExistsError,
+        errors.CorruptCheckpointError: ValueError,
+        errors.ChecksumMismatchError: errors.CorruptCheckpointError,
+        errors.UnsupportedFormatError: ValueError,
+        errors.UnsafeCheckpointError: ValueError,
+        errors.UnsupportedObjectError: TypeError,
+        errors.InvalidArgumentError: ValueError,
+        errors.StorageError: OSError,
+    }
+    assert set(builtins) | {errors.TorchkeepError} == {getattr(errors, n) for n in errors.__all__}
+    for cls, builtin in builtins.items():
+        assert issubclass(cls, errors.TorchkeepError) and issubclass(cls, builtin)
+        assert cls.__name__ in (errors.__doc__ or "")
+    assert issubclass(errors.TorchkeepError, Exception)
+
+
+def test_errors_carry_path_and_key() -> None:
+    err = errors.CorruptCheckpointError("bad", path="/x", key="w")
+    assert (err.path, err.key, str(err)) == ("/x", "w", "bad")
+    damaged = errors.ChecksumMismatchError("bad", path="/x", damaged=["a", "b"])
+    assert damaged.key == "a" and damaged.damaged == ["a", "b"]
