@@ -7,7 +7,7 @@ from torchkeep import errors
 
 
 def test_public_names_are_pinned() -> None:
-    assert torchkeep.__all__ == sorted(torchkeep.__all__, key=lambda n: (n.startswith("_"), n))
+    assert torchkeep.__all__ == sorted(torchkeep.__all__)
     assert set(torchkeep.__all__) == {
         "CheckpointExistsError",
         "CheckpointInfo",

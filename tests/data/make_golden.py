@@ -7,8 +7,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import torchkeep  # noqa: E402
-from tests.golden import GOLDEN_METADATA, golden_state  # noqa: E402
+import torchkeep
+from tests.golden import GOLDEN_METADATA, golden_state
 
 if __name__ == "__main__":
     here = Path(__file__).resolve().parent
