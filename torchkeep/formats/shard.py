@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -140,22 +141,38 @@ def write_shard(
         The manifest entries of the tensors and the file's size in bytes.
     """
     buffers = [leaf_bytes(p.leaf.value) for p in planned]
-    entries = []
+    spans = []
     position = 0
-    for p, data in zip(planned, buffers, strict=True):
-        entries.append(
+    for p in planned:
+        spans.append((position, position + p.nbytes))
+        position += p.nbytes
+
+    def entries_with(checksums: list[str]) -> list[TensorEntry]:
+        return [
             TensorEntry(
                 name=p.name, kind=p.kind, dtype=p.dtype, shape=p.shape, nbytes=p.nbytes, shard=shard,
-                offsets=(position, position + p.nbytes), checksum=checksum(data), device=p.device,
+                offsets=span, checksum=digest, device=p.device,
             )
-        )  # fmt: skip
-        position += p.nbytes
-    header_metadata = metadata(entries) if callable(metadata) else (metadata or {})
-    header = _header_bytes(planned, [e.offsets for e in entries], header_metadata)
-    f.write(header)
-    for data in buffers:
-        if data.nbytes:
+            for p, span, digest in zip(planned, spans, checksums, strict=True)
+        ]  # fmt: skip
+
+    if callable(metadata):
+        # The header carries the checksums, so they come first.
+        entries = entries_with([checksum(b) for b in buffers])
+        header = _header_bytes(planned, spans, metadata(entries))
+        f.write(header)
+        for data in buffers:
             f.write(data)
+    else:
+        # Checksums are computed on another thread while the same buffers are written
+        # (xxhash and file writes both release the GIL).
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="torchkeep-checksum") as pool:
+            digests = pool.submit(lambda: [checksum(b) for b in buffers])
+            header = _header_bytes(planned, spans, metadata or {})
+            f.write(header)
+            for data in buffers:
+                f.write(data)
+            entries = entries_with(digests.result())
     return entries, len(header) + position
 
 
