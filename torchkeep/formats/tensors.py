@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,7 +12,7 @@ import torch
 from torchkeep.errors import ChecksumMismatchError, CorruptCheckpointError
 from torchkeep.formats.shard import ShardHeader, materialize, read_header
 from torchkeep.integrity import checksum
-from torchkeep.manifest import Manifest
+from torchkeep.manifest import Manifest, TensorEntry
 from torchkeep.storage import Storage
 
 __all__ = ["OpenedCheckpoint", "read_arrays"]
@@ -52,12 +54,9 @@ def read_arrays(
     """
     headers: dict[str, ShardHeader] = {}
     buffers: dict[str, memoryview] = {}
-    arrays: dict[str, torch.Tensor | np.ndarray] = {}
-    damaged: list[str] = []
-    checked = 0
+    located: list[tuple[TensorEntry, memoryview, int, int]] = []
     # File order, so the shards are read front to back.
-    ordered = sorted(opened.manifest.tensors, key=lambda e: (e.shard, e.offsets[0]))
-    for entry in ordered:
+    for entry in sorted(opened.manifest.tensors, key=lambda e: (e.shard, e.offsets[0])):
         if names is not None and entry.name not in names:
             continue
         key = opened.shard_keys.get(entry.shard)
@@ -70,8 +69,8 @@ def read_arrays(
             )
         if key not in headers:
             headers[key] = read_header(storage, key)
-            buffers[key] = storage.map(key) if (build or verify) else memoryview(b"")
-        header, buf = headers[key], buffers[key]
+            buffers[key] = storage.map(key)
+        header = headers[key]
         stored = header.tensors.get(entry.name)
         if stored is None or list(stored["data_offsets"]) != list(entry.offsets):
             raise CorruptCheckpointError(
@@ -89,12 +88,14 @@ def read_arrays(
                 path=opened.path,
                 key=entry.name,
             )
-        if verify and entry.checksum:
-            if checksum(buf[start:end]) != entry.checksum:
-                damaged.append(entry.name)
-                continue
-            checked += entry.nbytes
-        if build:
+        located.append((entry, buffers[key], start, end))
+
+    checked = [item for item in located if verify and item[0].checksum]
+    digests = _checksums([buf[start:end] for _, buf, start, end in checked])
+    damaged = [entry.name for (entry, *_), digest in zip(checked, digests, strict=True) if digest != entry.checksum]
+    arrays: dict[str, torch.Tensor | np.ndarray] = {}
+    if build and not damaged:
+        for entry, buf, start, _ in located:
             arrays[entry.name] = materialize(buf, start, entry, path=opened.path)
     if damaged:
         listed = ", ".join(repr(n) for n in damaged[:20]) + (
@@ -106,4 +107,17 @@ def read_arrays(
             path=opened.path,
             damaged=damaged,
         )
-    return arrays, checked
+    return arrays, sum(entry.nbytes for entry, *_ in checked)
+
+
+_PARALLEL_BYTES = 64 * 1024 * 1024
+
+
+def _checksums(views: list[memoryview]) -> list[str]:
+    """Checksums of many buffers, on several threads when there is enough to gain (xxhash drops the GIL)."""
+    total = sum(v.nbytes for v in views)
+    workers = min(4, os.cpu_count() or 1)
+    if total < _PARALLEL_BYTES or workers == 1:
+        return [checksum(v) for v in views]
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="torchkeep-verify") as pool:
+        return list(pool.map(checksum, views))
