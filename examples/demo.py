@@ -185,7 +185,7 @@ def main() -> None:
     print(f"\n4. Flip one byte in {newest.name} and verify")
     shard = newest / "data-00000.safetensors"
     with open(shard, "r+b") as f:
-        f.seek(os.path.getsize(shard) - 100)
+        f.seek(os.path.getsize(shard) // 2)  # inside a weight matrix
         byte = f.read(1)
         f.seek(-1, os.SEEK_CUR)
         f.write(bytes([byte[0] ^ 0x01]))
