@@ -123,10 +123,7 @@ def run_load(case: str, path: str) -> dict[str, float]:
 
 
 def child(args: argparse.Namespace) -> None:
-    if args.op == "save":
-        result = run_save(args.case, args.path, args.layers)
-    else:
-        result = run_load(args.case, args.path)
+    result = run_save(args.case, args.path, args.layers) if args.op == "save" else run_load(args.case, args.path)
     print(json.dumps(result))
 
 
@@ -172,7 +169,10 @@ def main() -> None:
         if not args.dir:
             shutil.rmtree(base, ignore_errors=True)
     size = saves["torchkeep"][0]["bytes"]
-    print(f"state: {size / GiB:.2f} GiB float32, transformer layout; median of {args.repeat} runs, each in a fresh process")
+    print(
+        f"state: {size / GiB:.2f} GiB float32, transformer layout; "
+        f"median of {args.repeat} runs, each in a fresh process"
+    )
     print(f"machine: {os.cpu_count()} cores; python {sys.version.split()[0]}")
     print()
     med = {c: statistics.median(r["seconds"] for r in rs) for c, rs in saves.items()}
@@ -205,7 +205,9 @@ def main() -> None:
         f"torchkeep load (verified, every byte read) / safetensors load_file (every byte read): "
         f"{tmed['torchkeep'] / tmed['safetensors load_file']:.2f}x (target <= 1.00x)"
     )
-    print(f"torchkeep load private memory: {statistics.median(r['anon_extra'] for r in loads['torchkeep']) / MiB:.0f} MiB")
+    print(
+        f"torchkeep load private memory: {statistics.median(r['anon_extra'] for r in loads['torchkeep']) / MiB:.0f} MiB"
+    )
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ GiB = 1024**3
 MiB = 1024**2
 
 
-def transformer_state(layers: int = 18, width: int = 1024, vocab: int = 32000, seed: int = 0) -> dict[str, torch.Tensor]:
+def transformer_state(
+    layers: int = 18, width: int = 1024, vocab: int = 32000, seed: int = 0
+) -> dict[str, torch.Tensor]:
     """About 1 GiB of float32 weights laid out like a decoder-only transformer."""
     g = torch.Generator().manual_seed(seed)
     state = {"embed.weight": torch.randn(vocab, width, generator=g)}
@@ -33,7 +35,8 @@ def state_bytes(state: dict[str, torch.Tensor]) -> int:
 
 def status() -> dict[str, int]:
     """Memory figures of this process in bytes: RssAnon (private), RssFile, VmHWM (peak RSS)."""
-    text = open("/proc/self/status").read()
+    with open("/proc/self/status") as f:
+        text = f.read()
     out = {}
     for field in ("RssAnon", "RssFile", "VmHWM", "VmRSS"):
         match = re.search(rf"^{field}:\s+(\d+) kB", text, re.M)

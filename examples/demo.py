@@ -124,7 +124,7 @@ def child_train(kill_at: int) -> None:
 
                 real_write = local._DurableFile.write
 
-                def write_then_die(self: Any, data: Any) -> int:
+                def write_then_die(self: Any, data: Any, real_write: Any = real_write) -> int:
                     real_write(self, memoryview(data)[: len(memoryview(data)) // 2])
                     os.kill(os.getpid(), signal.SIGKILL)  # preempted half-way through the shard
                     return 0
@@ -198,7 +198,10 @@ def main() -> None:
     assert fallback is not None and fallback != newest
     print(f"   resume would fall back to {fallback.name}")
     info = torchkeep.inspect(fallback)
-    print(f"\n   inspect {fallback.name}: {len(info.tensors)} tensors, {info.nbytes / 1024:.0f} KiB, metadata {info.metadata}")
+    print(
+        f"\n   inspect {fallback.name}: {len(info.tensors)} tensors, "
+        f"{info.nbytes / 1024:.0f} KiB, metadata {info.metadata}"
+    )
     print("\nDemo finished: crash-safe saves, exact resume, damage detected.")
 
 
