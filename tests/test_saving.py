@@ -113,17 +113,25 @@ def test_python_and_torch_rng_states_restore_the_same_streams(tmp_path: Any) -> 
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
 
 
-def test_optimizer_resumes_identically(tmp_path: Any) -> None:
+OPTIMIZERS = {
+    "sgd-momentum": lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9),
+    "adam": lambda params: torch.optim.Adam(params, lr=0.01),
+    "adamw": lambda params: torch.optim.AdamW(params, lr=0.01, amsgrad=True),
+}
+
+
+@pytest.mark.parametrize("make_opt", OPTIMIZERS.values(), ids=OPTIMIZERS.keys())
+def test_optimizer_resumes_identically(tmp_path: Any, make_opt: Any) -> None:
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 2)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt = make_opt(model.parameters())
     x = torch.randn(8, 4)
     model(x).sum().backward()
     opt.step()
     torchkeep.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt")
 
     twin = torch.nn.Linear(4, 2)
-    twin_opt = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9)
+    twin_opt = make_opt(twin.parameters())
     loaded = torchkeep.load(tmp_path / "ckpt")
     twin.load_state_dict(loaded["model"])
     twin_opt.load_state_dict(loaded["opt"])
