@@ -9,14 +9,18 @@ from torchkeep import errors
 def test_public_names_are_pinned() -> None:
     assert torchkeep.__all__ == sorted(torchkeep.__all__)
     assert set(torchkeep.__all__) == {
+        "Cast",
         "CheckpointExistsError",
         "CheckpointInfo",
         "CheckpointNotFoundError",
         "ChecksumMismatchError",
         "CorruptCheckpointError",
         "InvalidArgumentError",
+        "LoadReport",
         "LocalStorage",
         "MemoryStorage",
+        "Mismatch",
+        "StateMismatchError",
         "Storage",
         "StorageError",
         "TensorInfo",
@@ -29,6 +33,7 @@ def test_public_names_are_pinned() -> None:
         "__version__",
         "inspect",
         "load",
+        "load_into",
         "save",
         "verify",
     }
@@ -46,6 +51,7 @@ def test_every_error_is_a_torchkeep_error_and_a_builtin() -> None:
         errors.UnsafeCheckpointError: ValueError,
         errors.UnsupportedObjectError: TypeError,
         errors.InvalidArgumentError: ValueError,
+        errors.StateMismatchError: ValueError,
         errors.StorageError: OSError,
     }
     assert set(builtins) | {errors.TorchkeepError} == {getattr(errors, n) for n in errors.__all__}

@@ -15,6 +15,7 @@ from torchkeep.errors import (
     ChecksumMismatchError,
     CorruptCheckpointError,
     InvalidArgumentError,
+    StateMismatchError,
     StorageError,
     TorchkeepError,
     UnsafeCheckpointError,
@@ -23,18 +24,24 @@ from torchkeep.errors import (
 )
 from torchkeep.info import CheckpointInfo, TensorInfo, VerifyReport
 from torchkeep.loading import inspect, load, verify
+from torchkeep.model_loading import load_into
+from torchkeep.report import Cast, LoadReport, Mismatch
 from torchkeep.saving import save
 from torchkeep.storage import LocalStorage, MemoryStorage, Storage, Transaction
 
 __all__ = [
+    "Cast",
     "CheckpointExistsError",
     "CheckpointInfo",
     "CheckpointNotFoundError",
     "ChecksumMismatchError",
     "CorruptCheckpointError",
     "InvalidArgumentError",
+    "LoadReport",
     "LocalStorage",
     "MemoryStorage",
+    "Mismatch",
+    "StateMismatchError",
     "Storage",
     "StorageError",
     "TensorInfo",
@@ -47,6 +54,7 @@ __all__ = [
     "__version__",
     "inspect",
     "load",
+    "load_into",
     "save",
     "verify",
 ]

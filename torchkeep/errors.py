@@ -12,6 +12,7 @@ so code written against plain ``open``/``torch.load`` keeps working::
     ├── UnsupportedFormatError(ValueError)           unknown format, or a newer format version
     ├── UnsafeCheckpointError(ValueError)            would need to run pickled code to load
     ├── UnsupportedObjectError(TypeError)            a value in the tree cannot be saved
+    ├── StateMismatchError(ValueError)               checkpoint and target do not line up (load_into)
     ├── InvalidArgumentError(ValueError)             a bad argument to a torchkeep call
     └── StorageError(OSError)                        the storage backend failed (disk full, I/O)
 
@@ -21,12 +22,15 @@ of the tensor or the place in the tree (``.key``).
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "CheckpointExistsError",
     "CheckpointNotFoundError",
     "ChecksumMismatchError",
     "CorruptCheckpointError",
     "InvalidArgumentError",
+    "StateMismatchError",
     "StorageError",
     "TorchkeepError",
     "UnsafeCheckpointError",
@@ -87,6 +91,18 @@ class UnsafeCheckpointError(TorchkeepError, ValueError):
 
 class UnsupportedObjectError(TorchkeepError, TypeError):
     """A value in the state tree cannot be saved without pickle."""
+
+
+class StateMismatchError(TorchkeepError, ValueError):
+    """The checkpoint does not line up with the target it is loaded into.
+
+    Attributes:
+        report: the :class:`~torchkeep.report.LoadReport`, listing every problem.
+    """
+
+    def __init__(self, message: str, *, report: Any, path: str | None = None, key: str | None = None) -> None:
+        super().__init__(message, path=path, key=key)
+        self.report = report
 
 
 class InvalidArgumentError(TorchkeepError, ValueError):

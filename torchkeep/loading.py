@@ -38,6 +38,11 @@ _OPENERS: dict[str, Callable[[Storage, str], OpenedCheckpoint]] = {
 }
 
 
+def open_manifest(storage: Storage, key: str, fmt: str) -> OpenedCheckpoint:
+    """Open a safetensors-based checkpoint (native, single or sharded) of the given format."""
+    return _OPENERS[fmt](storage, key)
+
+
 def _place(value: Any, saved: str, map_location: MapLocation, name: str, path: str) -> Any:
     if map_location is None or not isinstance(value, torch.Tensor):
         return value

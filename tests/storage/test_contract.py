@@ -67,6 +67,17 @@ def test_commit_replaces_the_whole_entry(storage: Storage) -> None:
     assert storage.list("a") == ["new"]
 
 
+def test_read_into_fills_the_callers_buffer(storage: Storage) -> None:
+    write(storage, "a", {"data": bytes(range(100))})
+    buffer = bytearray(10)
+    storage.read_into("a/data", 50, memoryview(buffer))
+    assert bytes(buffer) == bytes(range(50, 60))
+    with pytest.raises(torchkeep.CorruptCheckpointError, match="truncated"):
+        storage.read_into("a/data", 95, memoryview(bytearray(10)))
+    with pytest.raises(torchkeep.CheckpointNotFoundError):
+        storage.read_into("a/nope", 0, memoryview(bytearray(1)))
+
+
 def test_map_is_private_copy_on_write(storage: Storage) -> None:
     write(storage, "a", {"data": b"\x00" * 64})
     view = storage.map("a/data")

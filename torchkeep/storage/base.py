@@ -85,6 +85,15 @@ class Storage(Protocol):
         """
         ...
 
+    def read_into(self, key: str, offset: int, buffer: memoryview) -> None:
+        """Fill ``buffer`` with the bytes of object ``key`` starting at ``offset``.
+
+        Streams into memory the caller owns (a parameter, a reused staging
+        buffer), so reading costs no allocation. Raises
+        :class:`~torchkeep.errors.CorruptCheckpointError` if the object ends first.
+        """
+        ...
+
     def map(self, key: str) -> memoryview:
         """The whole object as a writable, copy-on-write buffer, zero-copy where possible.
 

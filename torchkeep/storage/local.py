@@ -13,7 +13,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
-from torchkeep.errors import CheckpointNotFoundError, InvalidArgumentError, StorageError
+from torchkeep.errors import CheckpointNotFoundError, CorruptCheckpointError, InvalidArgumentError, StorageError
 
 __all__ = ["LocalStorage"]
 
@@ -307,6 +307,25 @@ class LocalStorage:
         with self._translate("read", path), open(path, "rb") as f:
             f.seek(offset)
             return f.read() if length is None else f.read(length)
+
+    def read_into(self, key: str, offset: int, buffer: memoryview) -> None:
+        path = self._path(key)
+        view = buffer.cast("B") if buffer.format != "B" or buffer.ndim != 1 else buffer
+        with self._translate("read", path):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                done = 0
+                while done < len(view):
+                    n = os.preadv(fd, [view[done:]], offset + done)
+                    if n == 0:
+                        raise CorruptCheckpointError(
+                            f"{path!r} ends at byte {offset + done}, before the {len(view)} bytes "
+                            f"expected from offset {offset}; it was truncated.",
+                            path=path,
+                        )
+                    done += n
+            finally:
+                os.close(fd)
 
     def map(self, key: str) -> memoryview:
         path = self._path(key)

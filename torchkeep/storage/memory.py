@@ -6,7 +6,7 @@ import io
 import threading
 from typing import BinaryIO
 
-from torchkeep.errors import CheckpointNotFoundError, InvalidArgumentError
+from torchkeep.errors import CheckpointNotFoundError, CorruptCheckpointError, InvalidArgumentError
 from torchkeep.storage.local import _split_key
 
 __all__ = ["MemoryStorage"]
@@ -121,6 +121,17 @@ class MemoryStorage:
     def read(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
         data = self._get(key)
         return data[offset:] if length is None else data[offset : offset + length]
+
+    def read_into(self, key: str, offset: int, buffer: memoryview) -> None:
+        data = self._get(key)
+        view = buffer.cast("B") if buffer.format != "B" or buffer.ndim != 1 else buffer
+        if offset + len(view) > len(data):
+            raise CorruptCheckpointError(
+                f"{self.describe(key)!r} holds {len(data)} bytes, fewer than the {len(view)} expected "
+                f"from offset {offset}; it was truncated.",
+                path=self.describe(key),
+            )
+        view[:] = data[offset : offset + len(view)]
 
     def map(self, key: str) -> memoryview:
         return memoryview(bytearray(self._get(key)))
