@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal, Union
 
@@ -24,7 +25,7 @@ from torchkeep.errors import ChecksumMismatchError, InvalidArgumentError, StateM
 from torchkeep.formats.detect import TORCH_LEGACY, TORCH_ZIP, detect_format
 from torchkeep.formats.pth import load_pth
 from torchkeep.formats.shard import read_header
-from torchkeep.integrity import checksum
+from torchkeep.integrity import checksum, new_checksum
 from torchkeep.loading import MapLocation, load, open_manifest
 from torchkeep.manifest import TensorEntry
 from torchkeep.report import Cast, LoadReport, Mismatch
@@ -54,6 +55,9 @@ class _Item:
     entry: TensorEntry | None = None
     shard_key: str = ""
     offset: int = 0
+
+
+_PIECE = 4 * 1024 * 1024
 
 
 class _Staging:
@@ -308,19 +312,13 @@ def _load_module(
         module.load_state_dict({**assigned, **extras}, strict=False, assign=True)
         return report
 
-    staging = _Staging()
-    damaged: list[str] = []
-    # File order, so shards are read front to back.
-    tensor_pairs.sort(key=lambda pair: (pair[0].shard_key, pair[0].offset))
-    with torch.no_grad():
-        for item, target_key in tensor_pairs:
-            dest = target[target_key]
-            if item.dtype != dest.dtype:
-                report.cast.append(Cast(target_key, torch_dtype_name(item.dtype), torch_dtype_name(dest.dtype)))
-            if _copy_into(st, item, dest, staging, verify):
-                report.loaded.append(target_key)
-            else:
-                damaged.append(target_key)
+    for item, target_key in tensor_pairs:
+        dest = target[target_key]
+        if item.dtype != dest.dtype:
+            report.cast.append(Cast(target_key, torch_dtype_name(item.dtype), torch_dtype_name(dest.dtype)))
+    bad = _copy_all(st, tensor_pairs, target, verify)
+    report.loaded.extend(k for _, k in tensor_pairs if k not in bad)
+    damaged = [k for _, k in tensor_pairs if k in bad]
     if extras:
         module.load_state_dict(extras, strict=False)
         report.loaded.extend(extras)
@@ -335,8 +333,70 @@ def _load_module(
     return report
 
 
-def _copy_into(storage: Storage | None, item: _Item, dest: torch.Tensor, staging: _Staging, verify: bool) -> bool:
-    """Copy one source tensor into ``dest``; False when its bytes fail their checksum."""
+def _direct(item: _Item, dest: torch.Tensor) -> bool:
+    """Whether the file's bytes can be read straight into ``dest``'s memory."""
+    return item.entry is not None and dest.device.type == "cpu" and dest.dtype == item.dtype and dest.is_contiguous()
+
+
+def _copy_all(
+    storage: Storage | None, pairs: list[tuple[_Item, str]], target: dict[str, Any], verify: bool
+) -> set[str]:
+    """Copy every source tensor into its target tensor; return the keys whose bytes failed their checksum.
+
+    Reads that land straight in a parameter's memory need no buffer, so they run
+    on several threads in chunks, then the checksums are taken in place, also on
+    several threads (file reads and xxhash release the GIL). The rest go one at
+    a time through a single reused staging buffer.
+    """
+    pairs = sorted(pairs, key=lambda pair: (pair[0].shard_key, pair[0].offset))  # front to back in each file
+    unique: dict[tuple[int, int], tuple[_Item, str]] = {}
+    for item, key in pairs:  # a tied weight appears under several keys: fill it once
+        unique.setdefault((id(item), id(target[key])), (item, key))
+    pairs = list(unique.values())
+    direct = [(item, key) for item, key in pairs if _direct(item, target[key])]
+    staged = [(item, key) for item, key in pairs if not _direct(item, target[key])]
+    damaged: set[str] = set()
+    if direct:
+        assert storage is not None
+        # Largest first, so the threads finish together.
+        jobs = sorted(direct, key=lambda pair: -(pair[0].entry.nbytes if pair[0].entry else 0))
+        workers = min(4, os.cpu_count() or 1, len(jobs))
+
+        def run(pair: tuple[_Item, str]) -> str | None:
+            item, key = pair
+            assert item.entry is not None
+            return _read_and_check(storage, item, _bytes_of(target[key]), key, verify)
+
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="torchkeep-load") as pool:
+            damaged.update(key for key in pool.map(run, jobs) if key is not None)
+    staging = _Staging()
+    with torch.no_grad():
+        for item, key in staged:
+            if not _copy_staged(storage, item, target[key], staging, verify):
+                damaged.add(key)
+    return damaged
+
+
+def _read_and_check(storage: Storage, item: _Item, view: memoryview, key: str, verify: bool) -> str | None:
+    """Read bytes straight into a tensor's memory; the key if they fail their checksum, else None.
+
+    The checksum is updated piece by piece right after each piece is read,
+    while the bytes are still in the CPU cache.
+    """
+    entry = item.entry
+    assert entry is not None
+    check = verify and bool(entry.checksum)
+    digest = new_checksum()
+    for start in range(0, len(view), _PIECE):
+        piece = view[start : start + _PIECE]
+        storage.read_into(item.shard_key, item.offset + start, piece)
+        if check:
+            digest.update(piece)
+    return key if check and digest.hexdigest() != entry.checksum else None
+
+
+def _copy_staged(storage: Storage | None, item: _Item, dest: torch.Tensor, staging: _Staging, verify: bool) -> bool:
+    """Copy through a staging buffer (another device or dtype); False, and ``dest`` untouched, if damaged."""
     if item.tensor is not None:
         dest.copy_(item.tensor)
         return True
@@ -344,11 +404,6 @@ def _copy_into(storage: Storage | None, item: _Item, dest: torch.Tensor, staging
     assert entry is not None and storage is not None
     if entry.nbytes == 0:
         return True
-    if dest.device.type == "cpu" and dest.dtype == item.dtype and dest.is_contiguous():
-        # The fast path: read the file straight into the parameter's memory.
-        view = _bytes_of(dest)
-        storage.read_into(item.shard_key, item.offset, view)
-        return not verify or not entry.checksum or checksum(view) == entry.checksum
     buffer = staging.take(entry.nbytes, pinned=dest.device.type == "cuda")
     view = _bytes_of(buffer)
     storage.read_into(item.shard_key, item.offset, view)

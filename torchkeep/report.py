@@ -12,6 +12,14 @@ def _shape(shape: tuple[int, ...]) -> str:
     return "[" + ", ".join(map(str, shape)) + "]"
 
 
+def _lists(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _lists(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_lists(v) for v in value]
+    return value
+
+
 @dataclass(frozen=True)
 class Mismatch:
     """A key present on both sides whose shapes differ."""
@@ -76,8 +84,7 @@ class LoadReport:
 
     def to_dict(self) -> dict[str, Any]:
         """The report as plain data (lists, dicts, strings), ready for JSON."""
-        out = asdict(self)
-        out["renamed"] = [list(pair) for pair in self.renamed]
+        out: dict[str, Any] = _lists(asdict(self))
         out["ok"] = self.ok
         return out
 

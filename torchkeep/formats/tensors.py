@@ -15,7 +15,7 @@ from torchkeep.integrity import checksum
 from torchkeep.manifest import Manifest, TensorEntry
 from torchkeep.storage import Storage
 
-__all__ = ["OpenedCheckpoint", "read_arrays"]
+__all__ = ["OpenedCheckpoint", "checksums", "read_arrays"]
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ def read_arrays(
         located.append((entry, buffers[key], start, end))
 
     checked = [item for item in located if verify and item[0].checksum]
-    digests = _checksums([buf[start:end] for _, buf, start, end in checked])
+    digests = checksums([buf[start:end] for _, buf, start, end in checked])
     damaged = [entry.name for (entry, *_), digest in zip(checked, digests, strict=True) if digest != entry.checksum]
     arrays: dict[str, torch.Tensor | np.ndarray] = {}
     if build and not damaged:
@@ -113,7 +113,7 @@ def read_arrays(
 _PARALLEL_BYTES = 64 * 1024 * 1024
 
 
-def _checksums(views: list[memoryview]) -> list[str]:
+def checksums(views: list[memoryview]) -> list[str]:
     """Checksums of many buffers, on several threads when there is enough to gain (xxhash drops the GIL)."""
     total = sum(v.nbytes for v in views)
     workers = min(4, os.cpu_count() or 1)
