@@ -9,6 +9,17 @@ from torchkeep import errors
 def test_public_names_are_pinned() -> None:
     assert torchkeep.__all__ == sorted(torchkeep.__all__)
     assert set(torchkeep.__all__) == {
+        "AnyOf",
+        "CheckpointManager",
+        "CheckpointRecord",
+        "DirectoryLockedError",
+        "KeepBest",
+        "KeepEvery",
+        "KeepInterval",
+        "KeepLast",
+        "RNGState",
+        "ResumableSampler",
+        "RetentionPolicy",
         "Cast",
         "CheckpointExistsError",
         "CheckpointInfo",
@@ -51,6 +62,7 @@ def test_every_error_is_a_torchkeep_error_and_a_builtin() -> None:
         errors.UnsafeCheckpointError: ValueError,
         errors.UnsupportedObjectError: TypeError,
         errors.InvalidArgumentError: ValueError,
+        errors.DirectoryLockedError: RuntimeError,
         errors.StateMismatchError: ValueError,
         errors.StorageError: OSError,
     }

@@ -9,11 +9,13 @@ every tensor::
 """
 
 from torchkeep._version import __version__
+from torchkeep.data import ResumableSampler
 from torchkeep.errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
     ChecksumMismatchError,
     CorruptCheckpointError,
+    DirectoryLockedError,
     InvalidArgumentError,
     StateMismatchError,
     StorageError,
@@ -24,23 +26,45 @@ from torchkeep.errors import (
 )
 from torchkeep.info import CheckpointInfo, TensorInfo, VerifyReport
 from torchkeep.loading import inspect, load, verify
+from torchkeep.manager import CheckpointManager
 from torchkeep.model_loading import load_into
 from torchkeep.report import Cast, LoadReport, Mismatch
+from torchkeep.retention import (
+    AnyOf,
+    CheckpointRecord,
+    KeepBest,
+    KeepEvery,
+    KeepInterval,
+    KeepLast,
+    RetentionPolicy,
+)
+from torchkeep.rng import RNGState
 from torchkeep.saving import save
 from torchkeep.storage import LocalStorage, MemoryStorage, Storage, Transaction
 
 __all__ = [
+    "AnyOf",
     "Cast",
     "CheckpointExistsError",
     "CheckpointInfo",
+    "CheckpointManager",
     "CheckpointNotFoundError",
+    "CheckpointRecord",
     "ChecksumMismatchError",
     "CorruptCheckpointError",
+    "DirectoryLockedError",
     "InvalidArgumentError",
+    "KeepBest",
+    "KeepEvery",
+    "KeepInterval",
+    "KeepLast",
     "LoadReport",
     "LocalStorage",
     "MemoryStorage",
     "Mismatch",
+    "RNGState",
+    "ResumableSampler",
+    "RetentionPolicy",
     "StateMismatchError",
     "Storage",
     "StorageError",

@@ -14,6 +14,7 @@ so code written against plain ``open``/``torch.load`` keeps working::
     ├── UnsupportedObjectError(TypeError)            a value in the tree cannot be saved
     ├── StateMismatchError(ValueError)               checkpoint and target do not line up (load_into)
     ├── InvalidArgumentError(ValueError)             a bad argument to a torchkeep call
+    ├── DirectoryLockedError(RuntimeError)           another manager is writing to the directory
     └── StorageError(OSError)                        the storage backend failed (disk full, I/O)
 
 Errors carry the path of the file (``.path``) and, where one applies, the key
@@ -29,6 +30,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "ChecksumMismatchError",
     "CorruptCheckpointError",
+    "DirectoryLockedError",
     "InvalidArgumentError",
     "StateMismatchError",
     "StorageError",
@@ -111,3 +113,7 @@ class InvalidArgumentError(TorchkeepError, ValueError):
 
 class StorageError(TorchkeepError, OSError):
     """The storage backend failed to read, write, commit or delete."""
+
+
+class DirectoryLockedError(TorchkeepError, RuntimeError):
+    """Another CheckpointManager (in this process or another) is writing to the same directory."""

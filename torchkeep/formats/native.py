@@ -10,7 +10,7 @@ from torchkeep.formats.tensors import OpenedCheckpoint
 from torchkeep.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, ShardEntry, TensorEntry
 from torchkeep.storage import Storage
 
-__all__ = ["DEFAULT_MAX_SHARD_SIZE", "open_native", "write_native"]
+__all__ = ["DEFAULT_MAX_SHARD_SIZE", "open_native", "read_manifest", "write_native"]
 
 #: Shards are cut at this many bytes of tensor data (one tensor never spans two).
 DEFAULT_MAX_SHARD_SIZE = 4 * 1024**3
@@ -62,12 +62,12 @@ def write_native(
     return manifest
 
 
-def open_native(storage: Storage, key: str) -> OpenedCheckpoint:
-    """Read and validate the manifest of the native checkpoint at ``key``.
+def read_manifest(storage: Storage, key: str) -> Manifest:
+    """Read and validate only the manifest of the native checkpoint at ``key``.
 
     Raises:
         CheckpointNotFoundError: the directory has no manifest (never committed).
-        CorruptCheckpointError: the manifest is damaged or a shard is missing or truncated.
+        CorruptCheckpointError: the manifest is damaged.
         UnsupportedFormatError: the manifest is from a newer format version.
     """
     path = storage.describe(key)
@@ -83,7 +83,19 @@ def open_native(storage: Storage, key: str) -> OpenedCheckpoint:
         raise CorruptCheckpointError(
             f"The manifest of {path!r} is {size} bytes, over the {MAX_MANIFEST_BYTES}-byte limit.", path=path
         )
-    manifest = Manifest.from_bytes(storage.read(manifest_key), path=path)
+    return Manifest.from_bytes(storage.read(manifest_key), path=path)
+
+
+def open_native(storage: Storage, key: str) -> OpenedCheckpoint:
+    """Read and validate the manifest of the native checkpoint at ``key``.
+
+    Raises:
+        CheckpointNotFoundError: the directory has no manifest (never committed).
+        CorruptCheckpointError: the manifest is damaged or a shard is missing or truncated.
+        UnsupportedFormatError: the manifest is from a newer format version.
+    """
+    path = storage.describe(key)
+    manifest = read_manifest(storage, key)
     shard_keys = {}
     for shard in manifest.shards:
         if "/" in shard.file or shard.file in ("", ".", "..", MANIFEST_NAME) or "\x00" in shard.file:

@@ -1,0 +1,437 @@
+"""CheckpointManager: training checkpoints in one directory, with retention and exact resume.
+
+Each checkpoint is a native checkpoint named ``step-00000100`` inside the
+manager's directory. The user's named states are saved under their names;
+the RNG streams under ``_torchkeep_rng``; the step, metrics and metadata in
+the manifest. Retention runs after each commit, and only then deletes.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import re
+import signal
+import threading
+import time
+import warnings
+from collections.abc import Sequence
+from types import FrameType
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from torchkeep.errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    DirectoryLockedError,
+    InvalidArgumentError,
+    StateMismatchError,
+    TorchkeepError,
+)
+from torchkeep.formats.native import read_manifest
+from torchkeep.loading import load
+from torchkeep.manifest import Manifest
+from torchkeep.model_loading import load_into
+from torchkeep.report import LoadReport
+from torchkeep.retention import (
+    AnyOf,
+    CheckpointRecord,
+    KeepBest,
+    KeepEvery,
+    KeepInterval,
+    KeepLast,
+    RetentionPolicy,
+    best_record,
+    steps_to_delete,
+)
+from torchkeep.rng import RNGState
+from torchkeep.saving import save
+from torchkeep.storage import Storage, resolve
+
+__all__ = ["CheckpointManager"]
+
+RNG_KEY = "_torchkeep_rng"
+_NAME = re.compile(r"^step-(\d+)$")
+_LOCK_NAME = ".torchkeep.lock"
+_memory_locks: set[tuple[int, str]] = set()
+_memory_locks_guard = threading.Lock()
+
+
+def _metric(name: str, value: Any) -> float | str:
+    if (isinstance(value, torch.Tensor) and value.numel() == 1) or isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidArgumentError(f"Metric {name!r} must be a number, not {type(value).__name__}.")
+    value = float(value)
+    return value if math.isfinite(value) else repr(value)  # "nan", "inf", "-inf" in JSON
+
+
+def _read_metrics(raw: Any) -> dict[str, float]:
+    if not isinstance(raw, dict):
+        return {}
+    return {k: float(v) for k, v in raw.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+
+
+class _DirectoryLock:
+    """One writer per directory: ``flock`` on a file (released by the kernel if the process dies)."""
+
+    def __init__(self, storage: Storage, prefix: str) -> None:
+        self._fd: int | None = None
+        self._memory_key: tuple[int, str] | None = None
+        local = storage.local_path(prefix)
+        where = storage.describe(prefix)
+        if local is None:
+            key = (id(storage), prefix)
+            with _memory_locks_guard:
+                if key in _memory_locks:
+                    raise DirectoryLockedError(
+                        f"{where!r} already has a CheckpointManager writing to it in this process; close() it first.",
+                        path=where,
+                    )
+                _memory_locks.add(key)
+            self._memory_key = key
+            return
+        import fcntl
+
+        os.makedirs(local, exist_ok=True)
+        fd = os.open(os.path.join(local, _LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise DirectoryLockedError(
+                f"{where!r} is being written by another CheckpointManager (pid {holder}); two writers would "
+                "delete each other's checkpoints. Use another directory, or close the other manager.",
+                path=where,
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None
+        if self._memory_key is not None:
+            with _memory_locks_guard:
+                _memory_locks.discard(self._memory_key)
+            self._memory_key = None
+
+
+class CheckpointManager:
+    """Saves training checkpoints into one directory, keeps the right ones, and resumes runs exactly.
+
+    Args:
+        directory: where checkpoints go (a path, or a ``memory://`` URL).
+        keep_last: keep the newest N checkpoints.
+        keep_best: keep the best K by ``monitor``.
+        monitor: the metric that ranks checkpoints (``"val_loss"``).
+        mode: ``"min"`` or ``"max"``: which way ``monitor`` is better.
+        keep_every: keep every checkpoint whose step is a multiple of this.
+        keep_interval: keep one checkpoint per this many seconds of wall time.
+        retention: a further :class:`RetentionPolicy` of your own.
+        save_every: :meth:`should_save` is true every this many steps.
+        save_interval: :meth:`should_save` is true once this many seconds have passed since the last save.
+        rng: save and restore the RNG streams (Python, numpy, torch CPU, each CUDA device).
+        install_signal_handler: True (SIGTERM and SIGUSR1) or a list of signals. On one,
+            :meth:`should_save` turns true, and the next :meth:`save` commits then exits with status 0.
+        storage: use this storage, with ``directory`` as the key of the folder in it.
+
+    With no keep_* option and no ``retention``, every checkpoint is kept. The
+    newest checkpoint and the best one are never deleted, and deletion runs only
+    after a new checkpoint is committed. Saving a step that exists replaces it
+    atomically. One manager writes to a directory at a time: a second one gets
+    :class:`DirectoryLockedError`. Not thread-safe: call it from one thread.
+
+    Example:
+        >>> mgr = torchkeep.CheckpointManager("ckpt", keep_last=3, keep_best=1, monitor="val_loss")
+        >>> start = mgr.restore(model=model, optimizer=optimizer)  # None on a fresh start
+        >>> mgr.save(step, metrics={"val_loss": loss}, model=model, optimizer=optimizer)
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        keep_last: int | None = None,
+        keep_best: int | None = None,
+        monitor: str | None = None,
+        mode: Literal["min", "max"] = "min",
+        keep_every: int | None = None,
+        keep_interval: float | None = None,
+        retention: RetentionPolicy | None = None,
+        save_every: int | None = None,
+        save_interval: float | None = None,
+        rng: bool = True,
+        install_signal_handler: bool | Sequence[int] = False,
+        storage: Storage | None = None,
+    ) -> None:
+        if mode not in ("min", "max"):
+            raise InvalidArgumentError(f'mode must be "min" or "max", not {mode!r}.')
+        if keep_best is not None and monitor is None:
+            raise InvalidArgumentError("keep_best needs monitor=, the metric that ranks checkpoints.")
+        for name, value in (("save_every", save_every), ("save_interval", save_interval)):
+            if value is not None and not (isinstance(value, (int, float)) and value > 0):
+                raise InvalidArgumentError(f"{name} must be a positive number, not {value!r}.")
+        policies: list[RetentionPolicy] = []
+        if keep_last is not None:
+            policies.append(KeepLast(keep_last))
+        if keep_best is not None and monitor is not None:
+            policies.append(KeepBest(keep_best, monitor, mode))
+        if keep_every is not None:
+            policies.append(KeepEvery(keep_every))
+        if keep_interval is not None:
+            policies.append(KeepInterval(keep_interval))
+        if retention is not None:
+            policies.append(retention)
+        self.policy: RetentionPolicy | None = AnyOf(*policies) if policies else None
+        self.monitor = monitor
+        self.mode = mode
+        self.save_every = save_every
+        self.save_interval = save_interval
+        self.rng = rng
+        self._storage, self._prefix = resolve(directory, storage)
+        self.directory = self._storage.describe(self._prefix)
+        self._lock: _DirectoryLock | None = _DirectoryLock(self._storage, self._prefix)
+        self._last_save = time.monotonic()
+        self._preempted: int | None = None
+        self._previous_handlers: dict[int, Any] = {}
+        if install_signal_handler:
+            signals = (signal.SIGTERM, signal.SIGUSR1) if install_signal_handler is True else install_signal_handler
+            for signum in signals:
+                self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
+
+    # -- context and lifetime -------------------------------------------------------------
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the directory and restore signal handlers; safe to call twice."""
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers.clear()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._preempted = signum
+
+    @property
+    def preempted(self) -> bool:
+        """Whether a preemption signal has arrived (see ``install_signal_handler``)."""
+        return self._preempted is not None
+
+    # -- saving ---------------------------------------------------------------------------
+
+    def should_save(self, step: int) -> bool:
+        """True when ``step`` is due by ``save_every``, ``save_interval`` has passed, or a preemption signal came."""
+        if self._preempted is not None:
+            return True
+        if self.save_every is not None and step % self.save_every == 0:
+            return True
+        return self.save_interval is not None and time.monotonic() - self._last_save >= self.save_interval
+
+    def _key(self, step: int) -> str:
+        return f"{self._prefix}/step-{step:08d}" if self._prefix else f"step-{step:08d}"
+
+    def save(
+        self,
+        step: int,
+        *,
+        metrics: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+        **state: Any,
+    ) -> CheckpointRecord:
+        """Save the named states as the checkpoint of ``step``, then apply retention.
+
+        Args:
+            step: the training step (a non-negative int); an existing one is replaced atomically.
+            metrics: numbers to rank and show checkpoints by (tensors and numpy scalars accepted).
+            metadata: plain JSON kept with the checkpoint.
+            **state: ``Stateful`` objects (modules, optimizers, schedulers, GradScaler, samplers,
+                your own) are saved through ``state_dict()``; anything else as a plain tree.
+
+        Returns:
+            The record of the committed checkpoint.
+        """
+        if self._lock is None:
+            raise InvalidArgumentError("This CheckpointManager is closed.")
+        if type(step) is not int or step < 0:
+            raise InvalidArgumentError(f"step must be a non-negative int, not {step!r}.")
+        reserved = [name for name in state if name.startswith("_torchkeep")]
+        if reserved:
+            raise InvalidArgumentError(f"State names starting with '_torchkeep' are reserved: {reserved}.")
+        tree = {name: obj.state_dict() if _is_stateful(obj) else obj for name, obj in state.items()}
+        if self.rng:
+            tree[RNG_KEY] = RNGState().state_dict()
+        encoded = {name: _metric(name, value) for name, value in (metrics or {}).items()}
+        key = self._key(step)
+        save(tree, key, metadata={"step": step, "metrics": encoded, "metadata": metadata or {}}, storage=self._storage)
+        self._last_save = time.monotonic()
+        self._apply_retention()
+        record = self._record(key, read_manifest(self._storage, key))
+        if self._preempted is not None:
+            self.close()
+            raise SystemExit(0)
+        return record
+
+    def _apply_retention(self) -> None:
+        records = self.list()
+        for step in steps_to_delete(records, self.policy, monitor=self.monitor, mode=self.mode):
+            self._storage.delete(self._key(step))  # an atomic rename first: never half-deleted and listed
+
+    # -- listing --------------------------------------------------------------------------
+
+    def _record(self, key: str, manifest: Manifest) -> CheckpointRecord:
+        meta = manifest.metadata
+        user = meta.get("metadata")
+        try:
+            created = datetime.datetime.fromisoformat(manifest.created.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            created = 0.0
+        return CheckpointRecord(
+            step=int(meta.get("step", -1)),
+            path=self._storage.describe(key),
+            metrics=_read_metrics(meta.get("metrics")),
+            metadata=user if isinstance(user, dict) else {},
+            created=created,
+            size=sum(s.size for s in manifest.shards),
+        )
+
+    def list(self) -> list[CheckpointRecord]:
+        """Every committed checkpoint, ordered by step (never by file time or name).
+
+        A checkpoint whose manifest cannot be read is left out with a warning.
+        """
+        records = []
+        for name in self._storage.list(self._prefix):
+            match = _NAME.match(name)
+            if not match:
+                continue
+            key = f"{self._prefix}/{name}" if self._prefix else name
+            try:
+                record = self._record(key, read_manifest(self._storage, key))
+            except TorchkeepError as err:
+                warnings.warn(f"Skipping checkpoint {name}: {err}", RuntimeWarning, stacklevel=2)
+                continue
+            records.append(record if record.step == int(match.group(1)) else _with_step(record, int(match.group(1))))
+        return sorted(records, key=lambda r: r.step)
+
+    def latest(self) -> CheckpointRecord | None:
+        """The checkpoint with the highest step, or None."""
+        records = self.list()
+        return records[-1] if records else None
+
+    def best(self) -> CheckpointRecord | None:
+        """The checkpoint with the best ``monitor`` metric (the newest on a tie), or None."""
+        if self.monitor is None:
+            raise InvalidArgumentError("best() needs the manager's monitor= metric.")
+        return best_record(self.list(), self.monitor, self.mode)
+
+    # -- restoring ------------------------------------------------------------------------
+
+    def restore(
+        self, step: int | Literal["best"] | None = None, *, strict: bool = True, **state: Any
+    ) -> CheckpointRecord | None:
+        """Restore the named states (and the RNG streams) from a checkpoint.
+
+        With no ``step``, the newest checkpoint that verifies: a damaged or
+        incomplete newer one is skipped with a warning naming it and why.
+        ``step="best"`` picks the best by ``monitor``.
+
+        Args:
+            step: a step number, ``"best"``, or None for the newest good one.
+            strict: passed to :func:`torchkeep.load_into` for modules and optimizers.
+            **state: the objects to restore, by the names they were saved under:
+                Stateful objects are loaded in place, plain dicts updated in place.
+
+        Returns:
+            The record restored from, or None when the directory has no checkpoint
+            (a fresh start).
+
+        Raises:
+            CheckpointNotFoundError: the given step does not exist.
+            CorruptCheckpointError: no checkpoint in the directory verifies.
+            StateMismatchError: a named state is not in the checkpoint, or does not fit.
+        """
+        records = self.list()
+        if step is None:
+            candidates = list(reversed(records))
+            if not candidates:
+                return None
+        elif step == "best":
+            best = self.best()
+            if best is None:
+                raise CheckpointNotFoundError(
+                    f"No checkpoint in {self.directory!r} has the metric {self.monitor!r}.", path=self.directory
+                )
+            candidates = [best]
+        else:
+            candidates = [r for r in records if r.step == step]
+            if not candidates:
+                raise CheckpointNotFoundError(
+                    f"{self.directory!r} has no checkpoint of step {step}; it has {[r.step for r in records]}.",
+                    path=self.directory,
+                )
+        reasons = []
+        for record in candidates:
+            key = self._key(record.step)
+            try:
+                tree = load(key, storage=self._storage, verify=True)
+            except TorchkeepError as err:
+                if step is not None:
+                    raise
+                warnings.warn(
+                    f"Skipping checkpoint step {record.step} ({record.path}): {err}", RuntimeWarning, stacklevel=2
+                )
+                reasons.append(f"step {record.step}: {err}")
+                continue
+            self._apply(tree, state, record, strict)
+            return record
+        raise CorruptCheckpointError(
+            f"No checkpoint in {self.directory!r} could be restored:\n  " + "\n  ".join(reasons),
+            path=self.directory,
+        )
+
+    def _apply(self, tree: dict[str, Any], state: dict[str, Any], record: CheckpointRecord, strict: bool) -> None:
+        missing = [name for name in state if name not in tree]
+        if missing:
+            saved = [name for name in tree if not name.startswith("_torchkeep")]
+            raise StateMismatchError(
+                f"Checkpoint {record.path!r} has no state named {missing}; it holds {saved}.",
+                report=LoadReport(missing=missing),
+                path=record.path,
+            )
+        for name, obj in state.items():
+            if isinstance(obj, (nn.Module, torch.optim.Optimizer)):
+                load_into(obj, tree[name], strict=strict)
+            elif _is_stateful(obj):
+                obj.load_state_dict(tree[name])
+            elif isinstance(obj, dict):
+                obj.clear()
+                obj.update(tree[name])
+            else:
+                raise InvalidArgumentError(
+                    f"Cannot restore {name!r} into a {type(obj).__name__}: pass an object with "
+                    "load_state_dict(), or a dict to be updated in place."
+                )
+        if self.rng and RNG_KEY in tree:
+            RNGState().load_state_dict(tree[RNG_KEY])
+
+
+def _is_stateful(obj: Any) -> bool:
+    return callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))
+
+
+def _with_step(record: CheckpointRecord, step: int) -> CheckpointRecord:
+    return CheckpointRecord(step, record.path, record.metrics, record.metadata, record.created, record.size)
