@@ -277,7 +277,9 @@ def test_optimizer_mismatch_names_group_and_parameter(tmp_path: Path) -> None:
     with pytest.raises(torchkeep.StateMismatchError, match="1 parameter group"):
         torchkeep.load_into(two_groups, tmp_path / "opt")
     fewer = torch.optim.Adam(list(model.parameters())[:-1])
-    with pytest.raises(torchkeep.StateMismatchError, match=r"param_groups\[0\] holds 8 parameter\(s\) in the checkpoint"):
+    with pytest.raises(
+        torchkeep.StateMismatchError, match=r"param_groups\[0\] holds 8 parameter\(s\) in the checkpoint"
+    ):
         torchkeep.load_into(fewer, tmp_path / "opt")
     other = Net(classes=3)
     with pytest.raises(torchkeep.StateMismatchError, match=r"parameter 6: its 'exp_avg' has shape \[10, 16\]"):

@@ -1,0 +1,275 @@
+"""CheckpointManager: saving, listing, retention, fallback restore, locks, preemption and exact resume."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import torchkeep
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def model_and_opt(seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
+    return model, torch.optim.AdamW(model.parameters(), lr=0.1)
+
+
+def steps_on_disk(directory: Path) -> list[str]:
+    return sorted(p for p in os.listdir(directory) if p.startswith("step-"))
+
+
+def test_save_list_latest_best(tmp_path: Path) -> None:
+    model, opt = model_and_opt()
+    with torchkeep.CheckpointManager(tmp_path, monitor="val", mode="max") as mgr:
+        assert mgr.list() == [] and mgr.latest() is None and mgr.best() is None
+        for step, val in [(100, 0.5), (9, 0.7), (20, 0.6)]:  # out of order on purpose
+            record = mgr.save(step, metrics={"val": torch.tensor(val)}, metadata={"note": str(step)}, model=model)
+            assert record.step == step and record.metrics == {"val": pytest.approx(val)}
+        records = mgr.list()
+        assert [r.step for r in records] == [9, 20, 100]  # by step, not by name or time
+        assert records[0].metadata == {"note": "9"} and records[0].size > 0 and records[0].created > 0
+        assert mgr.latest().step == 100  # type: ignore[union-attr]
+        assert mgr.best().step == 9  # type: ignore[union-attr]
+    assert steps_on_disk(tmp_path) == ["step-00000009", "step-00000020", "step-00000100"]
+
+
+def test_restore_round_trip_and_fresh_start(tmp_path: Path) -> None:
+    model, opt = model_and_opt()
+    with torchkeep.CheckpointManager(tmp_path) as mgr:
+        assert mgr.restore(model=model) is None  # a fresh start, not an error
+        model(torch.randn(3, 4)).sum().backward()
+        opt.step()
+        mgr.save(1, model=model, optimizer=opt, extra={"epoch": 4, "name": "run"})
+    twin, twin_opt = model_and_opt(seed=1)
+    extra: dict[str, Any] = {}
+    with torchkeep.CheckpointManager(tmp_path) as mgr:
+        record = mgr.restore(model=twin, optimizer=twin_opt, extra=extra)
+    assert record is not None and record.step == 1
+    assert extra == {"epoch": 4, "name": "run"}
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), twin.state_dict().values(), strict=True))
+    assert twin_opt.state_dict()["state"][0]["exp_avg"].shape == (8, 4)
+
+
+def test_rng_is_restored_without_reseeding(tmp_path: Path) -> None:
+    random.seed(3)
+    np.random.seed(3)
+    torch.manual_seed(3)
+    with torchkeep.CheckpointManager(tmp_path) as mgr:
+        mgr.save(1)
+        expected = (random.random(), np.random.rand(), torch.rand(2))
+        random.seed(99)
+        np.random.seed(99)
+        torch.manual_seed(99)
+        mgr.restore()
+    got = (random.random(), np.random.rand(), torch.rand(2))
+    assert got[0] == expected[0] and got[1] == expected[1] and torch.equal(got[2], expected[2])
+
+
+def test_retention_keep_last_and_best(tmp_path: Path) -> None:
+    model, _ = model_and_opt()
+    losses = {1: 0.9, 2: 0.2, 3: 0.8, 4: 0.7, 5: 0.6, 6: 0.65}
+    with torchkeep.CheckpointManager(tmp_path, keep_last=2, keep_best=1, monitor="loss") as mgr:
+        for step, loss in losses.items():
+            mgr.save(step, metrics={"loss": loss}, model=model)
+        assert [r.step for r in mgr.list()] == [2, 5, 6]
+    assert steps_on_disk(tmp_path) == ["step-00000002", "step-00000005", "step-00000006"]
+    # Re-opened with a tighter policy: the same rules apply to what is there, at the next save.
+    with torchkeep.CheckpointManager(tmp_path, keep_last=1, keep_best=1, monitor="loss") as mgr:
+        assert [r.step for r in mgr.list()] == [2, 5, 6]
+        mgr.save(7, metrics={"loss": 0.5}, model=model)
+        assert [r.step for r in mgr.list()] == [2, 7]
+
+
+def test_keep_every_and_nan_metrics(tmp_path: Path) -> None:
+    with torchkeep.CheckpointManager(tmp_path, keep_last=1, keep_every=10, monitor="loss") as mgr:
+        for step in range(5, 31, 5):
+            mgr.save(step, metrics={"loss": float("nan") if step == 25 else float(step)})
+        assert [r.step for r in mgr.list()] == [5, 10, 20, 30]  # 5 is the best, 10/20/30 milestones
+        assert mgr.list()[-1].metrics["loss"] == 30.0
+        mgr.save(35, metrics={"loss": float("nan")})
+        assert math.isnan(next(r for r in mgr.list() if r.step == 35).metrics["loss"])
+
+
+def test_same_step_twice_replaces_atomically(tmp_path: Path) -> None:
+    with torchkeep.CheckpointManager(tmp_path) as mgr:
+        mgr.save(5, extra={"v": 1, "w": torch.ones(3)})
+        mgr.save(5, extra={"v": 2})
+        extra: dict[str, Any] = {}
+        mgr.restore(extra=extra)
+    assert extra == {"v": 2}
+    assert os.listdir(tmp_path / "step-00000005") == ["data-00000.safetensors", "manifest.json"] or sorted(
+        os.listdir(tmp_path / "step-00000005")
+    ) == ["data-00000.safetensors", "manifest.json"]
+
+
+def damage(directory: Path, how: str) -> None:
+    shard = directory / "data-00000.safetensors"
+    if how == "truncated":
+        shard.write_bytes(shard.read_bytes()[:-10])
+    elif how == "bit-flipped":
+        data = bytearray(shard.read_bytes())
+        data[-5] ^= 0x10
+        shard.write_bytes(bytes(data))
+    elif how == "no-manifest":
+        (directory / "manifest.json").unlink()
+
+
+@pytest.mark.parametrize("how", ["truncated", "bit-flipped", "no-manifest"])
+def test_restore_falls_back_past_a_damaged_newest(tmp_path: Path, how: str) -> None:
+    model, _ = model_and_opt()
+    with torchkeep.CheckpointManager(tmp_path) as mgr:
+        mgr.save(1, model=model, extra={"step": 1})
+        mgr.save(2, model=model, extra={"step": 2})
+    damage(tmp_path / "step-00000002", how)
+    extra: dict[str, Any] = {}
+    with torchkeep.CheckpointManager(tmp_path) as mgr, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        record = mgr.restore(model=model, extra=extra)
+    assert record is not None and record.step == 1 and extra == {"step": 1}
+    if how != "no-manifest":  # a directory without a manifest is simply not a checkpoint
+        assert any("step 2" in str(w.message) for w in caught)
+        with torchkeep.CheckpointManager(tmp_path) as mgr, pytest.raises(torchkeep.CorruptCheckpointError):
+            mgr.restore(2, model=model)
+
+
+def test_restore_errors(tmp_path: Path) -> None:
+    model, _ = model_and_opt()
+    with torchkeep.CheckpointManager(tmp_path, monitor="loss") as mgr:
+        mgr.save(1, model=model)
+        with pytest.raises(torchkeep.CheckpointNotFoundError, match="no checkpoint of step 7"):
+            mgr.restore(7, model=model)
+        with pytest.raises(torchkeep.CheckpointNotFoundError, match="metric 'loss'"):
+            mgr.restore("best", model=model)
+        with pytest.raises(torchkeep.StateMismatchError, match="no state named"):
+            mgr.restore(optimizer=model_and_opt()[1])
+        with pytest.raises(torchkeep.InvalidArgumentError, match="reserved"):
+            mgr.save(2, _torchkeep_rng={})
+    with torchkeep.CheckpointManager(tmp_path) as mgr:
+        damage(tmp_path / "step-00000001", "bit-flipped")
+        with pytest.warns(RuntimeWarning), pytest.raises(torchkeep.CorruptCheckpointError, match="could be restored"):
+            mgr.restore(model=model)
+
+
+def test_restore_best(tmp_path: Path) -> None:
+    with torchkeep.CheckpointManager(tmp_path, monitor="acc", mode="max") as mgr:
+        for step, acc in [(1, 0.5), (2, 0.9), (3, 0.7)]:
+            mgr.save(step, metrics={"acc": acc}, extra={"step": step})
+        extra: dict[str, Any] = {}
+        assert mgr.restore("best", extra=extra).step == 2  # type: ignore[union-attr]
+        assert extra == {"step": 2}
+
+
+def test_should_save(tmp_path: Path) -> None:
+    with torchkeep.CheckpointManager(tmp_path, save_every=3) as mgr:
+        assert [s for s in range(1, 10) if mgr.should_save(s)] == [3, 6, 9]
+    with torchkeep.CheckpointManager(tmp_path, save_interval=0.05) as mgr:
+        assert not mgr.should_save(1)
+        time.sleep(0.06)
+        assert mgr.should_save(2)
+        mgr.save(2)
+        assert not mgr.should_save(3)
+
+
+def test_two_writers_in_one_process(tmp_path: Path) -> None:
+    first = torchkeep.CheckpointManager(tmp_path)
+    with pytest.raises(torchkeep.DirectoryLockedError, match=str(os.getpid())):
+        torchkeep.CheckpointManager(tmp_path)
+    first.close()
+    torchkeep.CheckpointManager(tmp_path).close()
+    storage = torchkeep.MemoryStorage()
+    mem = torchkeep.CheckpointManager("run", storage=storage)
+    with pytest.raises(torchkeep.DirectoryLockedError):
+        torchkeep.CheckpointManager("run", storage=storage)
+    mem.close()
+
+
+HOLDER = "import sys, time, torchkeep; m = torchkeep.CheckpointManager(sys.argv[1]); print('locked', flush=True); time.sleep(60)"
+
+
+def test_second_writer_process_is_refused_and_a_killed_one_releases(tmp_path: Path) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
+        with pytest.raises(torchkeep.DirectoryLockedError, match=f"pid {proc.pid}"):
+            torchkeep.CheckpointManager(tmp_path)
+    finally:
+        proc.kill()
+        proc.communicate()
+    torchkeep.CheckpointManager(tmp_path).close()  # the kernel released the dead holder's lock
+
+
+def test_manager_on_memory_storage() -> None:
+    model, _ = model_and_opt()
+    storage = torchkeep.MemoryStorage()
+    with torchkeep.CheckpointManager("runs/a", keep_last=1, storage=storage) as mgr:
+        mgr.save(1, model=model)
+        mgr.save(2, model=model)
+        assert [r.step for r in mgr.list()] == [2]
+        assert mgr.restore(model=model).step == 2  # type: ignore[union-attr]
+    assert storage.list("runs/a") == ["step-00000002"]
+
+
+def run_script(directory: Path, total: int, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tests.train_script", str(directory), str(total), *extra],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+
+
+def test_killed_and_resumed_training_is_bit_exact(tmp_path: Path) -> None:
+    reference = run_script(tmp_path / "reference", 30)
+    assert reference.returncode == 0, reference.stderr
+    run = tmp_path / "run"
+    for kill_at in (7, 18, 26):  # between saves, right after a save, near the end
+        killed = run_script(run, 30, "--kill-at", str(kill_at))
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+    final = run_script(run, 30)
+    assert final.returncode == 0, final.stderr
+    assert final.stdout.splitlines()[0] == "start 25"
+    # Same weights bit for bit, and the loader handed out the same number of samples.
+    assert final.stdout.splitlines()[-1] == reference.stdout.splitlines()[-1]
+    assert final.stdout.splitlines()[-2] == reference.stdout.splitlines()[-2]
+    ref_losses = [line for line in reference.stdout.splitlines() if line.startswith("step 2")]
+    got_losses = [line for line in final.stdout.splitlines() if line.startswith("step 2")]
+    assert got_losses == ref_losses[-len(got_losses) :]
+
+
+def test_sigterm_saves_at_the_next_step_and_exits_cleanly(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.train_script", str(tmp_path), "1000", "--slow"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    assert proc.stdout is not None
+    seen = []
+    while not (line := proc.stdout.readline()).startswith("step 3"):
+        assert line, "the script stopped before step 3"
+        seen.append(line)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    lines = [*seen, line, *out.splitlines()]
+    last_step = max(int(text.split()[1]) for text in lines if text.startswith("step"))
+    with torchkeep.CheckpointManager(tmp_path) as mgr:
+        assert mgr.latest().step == last_step  # type: ignore[union-attr]
+        assert last_step < 1000
