@@ -34,7 +34,7 @@ def steps_on_disk(directory: Path) -> list[str]:
 
 
 def test_save_list_latest_best(tmp_path: Path) -> None:
-    model, opt = model_and_opt()
+    model, _ = model_and_opt()
     with torchkeep.CheckpointManager(tmp_path, monitor="val", mode="max") as mgr:
         assert mgr.list() == [] and mgr.latest() is None and mgr.best() is None
         for step, val in [(100, 0.5), (9, 0.7), (20, 0.6)]:  # out of order on purpose
@@ -198,7 +198,12 @@ def test_two_writers_in_one_process(tmp_path: Path) -> None:
     mem.close()
 
 
-HOLDER = "import sys, time, torchkeep; m = torchkeep.CheckpointManager(sys.argv[1]); print('locked', flush=True); time.sleep(60)"
+HOLDER = (
+    "import sys, time, torchkeep\n"
+    "m = torchkeep.CheckpointManager(sys.argv[1])\n"
+    "print('locked', flush=True)\n"
+    "time.sleep(60)\n"
+)
 
 
 def test_second_writer_process_is_refused_and_a_killed_one_releases(tmp_path: Path) -> None:
