@@ -1,13 +1,15 @@
-"""torchkeep demo: real training, checkpoints, a crash, an exact resume, and damage caught.
+"""torchkeep demo: real training with a CheckpointManager, a SIGKILL, an exact resume, damage caught.
 
-1. Train a small network for 300 steps without interruption: the reference.
-2. Train it again in a child process that saves a checkpoint every 25 steps
-   (model, optimizer, LR scheduler, RNG streams, step) and is killed with
-   SIGKILL part-way through a save, as a preempted machine would be.
-3. Resume from the newest checkpoint that verifies and finish the run: the
-   weights are bit-for-bit those of the reference.
-4. Flip one byte in the newest checkpoint: verify names the damaged tensor,
-   and the resume falls back to the checkpoint before it.
+1. Train a small classifier for 300 steps without interruption: the reference.
+2. Train it again in a child process with a CheckpointManager (a checkpoint every
+   25 steps, keeping the newest 3 and the best by validation loss); at step 160
+   the child is killed with SIGKILL (it sends the signal to itself, so the point
+   is the same on every machine), as a preemption or the OOM killer would.
+3. Resume in a fresh process-state from the newest checkpoint: model, AdamW,
+   LR schedule, RNG streams and the data loader's position all come back, and
+   the final weights equal the reference bit for bit.
+4. Flip one byte in the newest checkpoint: restore notices, says why, and
+   falls back to the one before.
 
 Run with ``make demo``; everything is written under ./demo-run.
 """
@@ -15,18 +17,19 @@ Run with ``make demo``; everything is written under ./demo-run.
 from __future__ import annotations
 
 import os
-import random
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+import xxhash
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -34,175 +37,136 @@ sys.path.insert(0, str(ROOT))
 import torchkeep  # noqa: E402
 
 RUN = ROOT / "demo-run"
+CKPT = RUN / "ckpt"
 STEPS = 300
-SAVE_EVERY = 25
+KILL_AT = 160
 
 
-def make_model() -> nn.Module:
-    return nn.Sequential(
-        nn.Linear(32, 256), nn.GELU(), nn.Dropout(0.1),
-        nn.Linear(256, 256), nn.GELU(), nn.Dropout(0.1),
-        nn.Linear(256, 10),
-    )  # fmt: skip
-
-
-def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A deterministic synthetic classification batch for each step (the data position is the step)."""
-    g = torch.Generator().manual_seed(1000 + step)
-    x = torch.randn(64, 32, generator=g)
+def make_data() -> tuple[TensorDataset, tuple[torch.Tensor, torch.Tensor]]:
+    """A synthetic 10-class problem, made the same way every time."""
+    g = torch.Generator().manual_seed(2026)
+    x = torch.randn(2048 + 512, 32, generator=g)
     y = (x[:, :10].argmax(dim=1) + (x[:, 10] > 0).long()) % 10
-    return x, y
-
-
-class Trainer:
-    """Everything a run needs to continue exactly: model, optimizer, scheduler, RNG, step."""
-
-    def __init__(self) -> None:
-        torch.manual_seed(0)
-        random.seed(0)
-        np.random.seed(0)
-        self.model = make_model()
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=3e-3, weight_decay=0.01)
-        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=STEPS)
-        self.step = 0
-
-    def train_step(self) -> float:
-        self.model.train()
-        x, y = batch(self.step)
-        loss = nn.functional.cross_entropy(self.model(x), y)  # dropout draws from the global RNG
-        self.optimizer.zero_grad()
-        loss.backward()
-        self.optimizer.step()
-        self.scheduler.step()
-        self.step += 1
-        return loss.item()
-
-    def state(self) -> dict[str, Any]:
-        return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
-            "step": self.step,
-        }
-
-    def restore(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
-        np.random.set_state(state["rng"]["numpy"])
-        self.step = state["step"]
-
-
-def checkpoints() -> list[Path]:
-    """Committed checkpoints, newest first, ordered by step number (never by file time)."""
-    found = [p for p in (RUN / "ckpt").glob("step-*") if not p.name.startswith(".")]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]), reverse=True)
-
-
-def newest_good() -> Path | None:
-    for path in checkpoints():
-        try:
-            torchkeep.verify(path)
-            return path
-        except torchkeep.TorchkeepError as err:
-            print(f"   skipping {path.name}: {type(err).__name__}: {err}")
-    return None
-
-
-def child_train(kill_at: int) -> None:
-    """Train from scratch, checkpointing; kill ourselves in the middle of the save at step ``kill_at``."""
-    trainer = Trainer()
-    while trainer.step < STEPS:
-        loss = trainer.train_step()
-        if trainer.step % SAVE_EVERY == 0:
-            path = RUN / "ckpt" / f"step-{trainer.step:05d}"
-            if trainer.step == kill_at:
-                from torchkeep.storage import local
-
-                real_write = local._DurableFile.write
-
-                def write_then_die(self: Any, data: Any, real_write: Any = real_write) -> int:
-                    real_write(self, memoryview(data)[: len(memoryview(data)) // 2])
-                    os.kill(os.getpid(), signal.SIGKILL)  # preempted half-way through the shard
-                    return 0
-
-                local._DurableFile.write = write_then_die  # type: ignore[method-assign]
-            torchkeep.save(trainer.state(), path, metadata={"loss": loss})
-            print(f"   step {trainer.step:3d}  loss {loss:.4f}  saved {path.name}", flush=True)
+    return TensorDataset(x[:2048], y[:2048]), (x[2048:], y[2048:])
 
 
 def fingerprint(model: nn.Module) -> str:
-    import xxhash
-
     h = xxhash.xxh3_64()
     for t in model.state_dict().values():
         h.update(t.contiguous().view(torch.uint8).numpy().data)
     return h.hexdigest()
 
 
+def train(steps: int, *, manager: torchkeep.CheckpointManager | None = None, kill_at: int | None = None) -> nn.Module:
+    torch.manual_seed(0)  # the run's initial seed; a resume takes the RNG state from the checkpoint instead
+    train_set, (val_x, val_y) = make_data()
+    sampler = torchkeep.ResumableSampler(len(train_set), seed=1)
+    loader = DataLoader(train_set, batch_size=64, sampler=sampler, generator=torch.Generator())
+    model = nn.Sequential(
+        nn.Linear(32, 256), nn.GELU(), nn.Dropout(0.1),
+        nn.Linear(256, 256), nn.GELU(), nn.Dropout(0.1),
+        nn.Linear(256, 10),
+    )  # fmt: skip
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    state: dict[str, Any] = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "data": sampler}
+
+    step = 0
+    if manager is not None:
+        record = manager.restore(**state)  # None on a fresh start
+        if record is not None:
+            step = record.step
+            print(f"   resumed from step {step} (val_loss {record.metrics['val_loss']:.4f})", flush=True)
+    while step < steps:
+        for x, y in loader:
+            model.train()
+            loss = nn.functional.cross_entropy(model(x), y)  # dropout draws from the global RNG
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            if step == kill_at:
+                print(
+                    f"   step {step:3d}  killed with SIGKILL (the work since step {step - step % 25} is lost)",
+                    flush=True,
+                )
+                os.kill(os.getpid(), signal.SIGKILL)  # as a preemption or the OOM killer would
+            if manager is not None and manager.should_save(step):
+                model.eval()
+                with torch.no_grad():
+                    val_loss = nn.functional.cross_entropy(model(val_x), val_y).item()
+                manager.save(step, metrics={"loss": loss, "val_loss": val_loss}, **state)
+                print(f"   step {step:3d}  loss {loss.item():.4f}  val_loss {val_loss:.4f}  saved", flush=True)
+            if step >= steps:
+                break
+    return model
+
+
+def open_manager() -> torchkeep.CheckpointManager:
+    return torchkeep.CheckpointManager(CKPT, keep_last=3, keep_best=1, monitor="val_loss", save_every=25)
+
+
+def show(manager: torchkeep.CheckpointManager) -> None:
+    best = manager.best()
+    print(f"   {'step':>6}  {'loss':>8}  {'val_loss':>8}  {'size':>8}  written")
+    for r in manager.list():
+        mark = "  <- best" if best is not None and r.step == best.step else ""
+        when = time.strftime("%H:%M:%S", time.localtime(r.created))
+        print(
+            f"   {r.step:>6}  {r.metrics['loss']:>8.4f}  {r.metrics['val_loss']:>8.4f}  "
+            f"{r.size / 1024:>5.0f} KiB  {when}{mark}"
+        )
+
+
 def main() -> None:
-    if len(sys.argv) == 3 and sys.argv[1] == "--child":
-        child_train(int(sys.argv[2]))
+    if sys.argv[1:] == ["--child"]:
+        with open_manager() as manager:
+            train(STEPS, manager=manager, kill_at=KILL_AT)
         return
     shutil.rmtree(RUN, ignore_errors=True)
     RUN.mkdir()
+    start = time.perf_counter()
 
-    print(f"1. Reference run: {STEPS} steps without interruption")
-    reference = Trainer()
-    while reference.step < STEPS:
-        loss = reference.train_step()
-    print(f"   final loss {loss:.4f}, weights {fingerprint(reference.model)}")
+    print(f"1. Reference: {STEPS} steps without interruption")
+    reference = fingerprint(train(STEPS))
+    print(f"   final weights {reference}")
 
-    kill_at = 175
-    print(f"\n2. Checkpointed run, killed with SIGKILL while saving step {kill_at}")
-    proc = subprocess.run([sys.executable, __file__, "--child", str(kill_at)], cwd=ROOT)
-    assert proc.returncode == -signal.SIGKILL, f"the child should have been killed, got {proc.returncode}"
-    leftovers = sorted(p.name for p in (RUN / "ckpt").iterdir() if p.name.startswith("."))
-    print(f"   killed. On disk: {[p.name for p in checkpoints()][:3]}... plus staging {leftovers}")
-    print(f"   no step-{kill_at:05d} was published: the interrupted save stays invisible")
+    print(f"\n2. The same run in a child process with a CheckpointManager, killed at step {KILL_AT}")
+    child = subprocess.run([sys.executable, __file__, "--child"])
+    assert child.returncode == -signal.SIGKILL, f"the child should have been killed, got {child.returncode}"
+    print(f"   the child died (exit {child.returncode}); on disk:")
+    with open_manager() as manager:
+        show(manager)
 
-    print("\n3. Resume from the newest checkpoint that verifies")
-    t0 = time.perf_counter()
-    good = newest_good()
-    assert good is not None
-    resumed = Trainer()
-    resumed.restore(torchkeep.load(good))
-    print(f"   restored {good.name} (step {resumed.step}) in {time.perf_counter() - t0:.3f}s")
-    while resumed.step < STEPS:
-        loss = resumed.train_step()
-    same = fingerprint(resumed.model) == fingerprint(reference.model)
-    print(f"   final loss {loss:.4f}, weights {fingerprint(resumed.model)}")
-    print(f"   bit-for-bit identical to the reference: {same}")
-    assert same, "the resumed run diverged from the reference"
-    torchkeep.save(resumed.state(), RUN / "ckpt" / f"step-{STEPS:05d}", metadata={"loss": loss})
-    print(f"   saved step-{STEPS:05d}; the next save cleaned the dead writer's staging:", end=" ")
-    print(not any(p.name.startswith(".") for p in (RUN / "ckpt").iterdir()))
+    print("\n3. Resume: restore() picks the newest checkpoint that verifies")
+    with open_manager() as manager:
+        resumed = fingerprint(train(STEPS, manager=manager))
+        print(f"   final weights {resumed}")
+        print(f"   bit-for-bit identical to the reference: {resumed == reference}")
+        assert resumed == reference, "the resumed run diverged from the reference"
+        print("\n   Checkpoints kept (newest 3 + best by val_loss):")
+        show(manager)
 
-    newest = checkpoints()[0]
-    print(f"\n4. Flip one byte in {newest.name} and verify")
-    shard = newest / "data-00000.safetensors"
-    with open(shard, "r+b") as f:
-        f.seek(os.path.getsize(shard) // 2)  # inside a weight matrix
-        byte = f.read(1)
-        f.seek(-1, os.SEEK_CUR)
-        f.write(bytes([byte[0] ^ 0x01]))
-    try:
-        torchkeep.verify(newest)
-        raise AssertionError("the flipped byte went unnoticed")
-    except torchkeep.ChecksumMismatchError as err:
-        print(f"   verify: {err}")
-    fallback = newest_good()
-    assert fallback is not None and fallback != newest
-    print(f"   resume would fall back to {fallback.name}")
-    info = torchkeep.inspect(fallback)
-    print(
-        f"\n   inspect {fallback.name}: {len(info.tensors)} tensors, "
-        f"{info.nbytes / 1024:.0f} KiB, metadata {info.metadata}"
-    )
-    print("\nDemo finished: crash-safe saves, exact resume, damage detected.")
+        newest = manager.latest()
+        assert newest is not None
+        print(f"\n4. Flip one byte in the middle of step {newest.step}'s data, then restore")
+        shard = Path(newest.path) / "data-00000.safetensors"
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        shard.write_bytes(bytes(data))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            record = manager.restore(model=nn.Sequential(
+                nn.Linear(32, 256), nn.GELU(), nn.Dropout(0.1),
+                nn.Linear(256, 256), nn.GELU(), nn.Dropout(0.1),
+                nn.Linear(256, 10),
+            ))  # fmt: skip
+        for w in caught:
+            print(f"   warning: {w.message}")
+        assert record is not None and record.step != newest.step
+        print(f"   restored step {record.step} instead")
+    print(f"\nDemo finished in {time.perf_counter() - start:.0f}s: crash-safe saves, exact resume, damage caught.")
 
 
 if __name__ == "__main__":
