@@ -124,9 +124,6 @@ def load(
     fmt = detect_format(st, key)
     if fmt in (TORCH_ZIP, TORCH_LEGACY):
         ml: Any = "cpu" if map_location is None else map_location
-        if callable(ml) and not isinstance(ml, (str, torch.device, dict)):
-            user = ml
-            ml = lambda storage, location: user(storage, location)  # noqa: E731 - torch passes storages
         obj = load_pth(st, key, zip_format=fmt == TORCH_ZIP, map_location=ml)
         return _cast_tree(obj, dtype) if dtype is not None else obj
     opened = _OPENERS[fmt](st, key)
