@@ -26,7 +26,7 @@ from torchkeep.errors import (
 )
 from torchkeep.info import CheckpointInfo, TensorInfo, VerifyReport
 from torchkeep.loading import inspect, load, verify
-from torchkeep.manager import CheckpointManager
+from torchkeep.manager import CheckpointManager, SaveHandle
 from torchkeep.model_loading import load_into
 from torchkeep.report import Cast, LoadReport, Mismatch
 from torchkeep.retention import (
@@ -65,6 +65,7 @@ __all__ = [
     "RNGState",
     "ResumableSampler",
     "RetentionPolicy",
+    "SaveHandle",
     "StateMismatchError",
     "Storage",
     "StorageError",

@@ -8,6 +8,7 @@ the manifest. Retention runs after each commit, and only then deletes.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import math
 import os
@@ -17,6 +18,7 @@ import threading
 import time
 import warnings
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from types import FrameType
 from typing import Any, Literal
 
@@ -49,10 +51,11 @@ from torchkeep.retention import (
     steps_to_delete,
 )
 from torchkeep.rng import RNGState
-from torchkeep.saving import save
+from torchkeep.saving import SaveJob, prepare_save, write_job
+from torchkeep.snapshot import StagingBuffer
 from torchkeep.storage import Storage, resolve
 
-__all__ = ["CheckpointManager"]
+__all__ = ["CheckpointManager", "SaveHandle"]
 
 RNG_KEY = "_torchkeep_rng"
 _NAME = re.compile(r"^step-(\d+)$")
@@ -123,6 +126,35 @@ class _DirectoryLock:
             self._memory_key = None
 
 
+class SaveHandle:
+    """A save running in the background: ``wait()`` for its record, ``done()`` to poll.
+
+    A failure in the background is re-raised, with its original traceback, by
+    ``wait()``, by the manager's next ``save``, or by its ``close()``: never lost.
+    """
+
+    def __init__(self, step: int, future: Future[CheckpointRecord]) -> None:
+        self.step = step
+        self._future = future
+        self.observed = False  # a failure already raised to the caller is not raised again by the manager
+
+    def done(self) -> bool:
+        """Whether the save has finished (committed or failed)."""
+        return self._future.done()
+
+    def wait(self, timeout: float | None = None) -> CheckpointRecord:
+        """Block until the checkpoint is committed (and retention applied); return its record."""
+        result = self._future.result(timeout) if self._future.exception(timeout) is None else None
+        self.observed = True
+        if result is None:
+            self._future.result()  # re-raise the original failure with its traceback
+        assert result is not None
+        return result
+
+    def __repr__(self) -> str:
+        return f"SaveHandle(step={self.step}, done={self.done()})"
+
+
 class CheckpointManager:
     """Saves training checkpoints into one directory, keeps the right ones, and resumes runs exactly.
 
@@ -138,6 +170,9 @@ class CheckpointManager:
         save_every: :meth:`should_save` is true every this many steps.
         save_interval: :meth:`should_save` is true once this many seconds have passed since the last save.
         rng: save and restore the RNG streams (Python, numpy, torch CPU, each CUDA device).
+        async_save: ``save`` returns once the state is copied into a reused staging buffer
+            (pinned for GPU tensors) and writes, commits and applies retention in a
+            background thread; see :meth:`save`.
         install_signal_handler: True (SIGTERM and SIGUSR1) or a list of signals. On one,
             :meth:`should_save` turns true, and the next :meth:`save` commits then exits with status 0.
         storage: use this storage, with ``directory`` as the key of the folder in it.
@@ -168,6 +203,7 @@ class CheckpointManager:
         save_every: int | None = None,
         save_interval: float | None = None,
         rng: bool = True,
+        async_save: bool = False,
         install_signal_handler: bool | Sequence[int] = False,
         storage: Storage | None = None,
     ) -> None:
@@ -195,6 +231,10 @@ class CheckpointManager:
         self.save_every = save_every
         self.save_interval = save_interval
         self.rng = rng
+        self.async_save = async_save
+        self._staging = StagingBuffer()
+        self._executor: ThreadPoolExecutor | None = None
+        self._inflight: SaveHandle | None = None
         self._storage, self._prefix = resolve(directory, storage)
         self.directory = self._storage.describe(self._prefix)
         self._lock: _DirectoryLock | None = _DirectoryLock(self._storage, self._prefix)
@@ -205,6 +245,7 @@ class CheckpointManager:
             signals = (signal.SIGTERM, signal.SIGUSR1) if install_signal_handler is True else install_signal_handler
             for signum in signals:
                 self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
+        atexit.register(self._close_at_exit)
 
     # -- context and lifetime -------------------------------------------------------------
 
@@ -215,16 +256,47 @@ class CheckpointManager:
         self.close()
 
     def close(self) -> None:
-        """Release the directory and restore signal handlers; safe to call twice."""
-        for signum, handler in self._previous_handlers.items():
-            signal.signal(signum, handler)
-        self._previous_handlers.clear()
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
+        """Wait for a save in flight, release the directory and restore signal handlers.
+
+        Re-raises the failure of a background save. Safe to call twice; also
+        run at interpreter exit.
+        """
+        atexit.unregister(self._close_at_exit)
+        try:
+            self.wait()
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
+            for signum, handler in self._previous_handlers.items():
+                signal.signal(signum, handler)
+            self._previous_handlers.clear()
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
+
+    def _close_at_exit(self) -> None:
+        try:
+            self.close()
+        except Exception as err:  # at exit there is no caller left to raise to
+            warnings.warn(f"The last background save of {self.directory!r} failed: {err!r}", stacklevel=1)
+
+    def wait(self) -> CheckpointRecord | None:
+        """Wait for the save in flight, if any; return its record or re-raise its failure."""
+        handle, self._inflight = self._inflight, None
+        if handle is None:
+            return None
+        if handle.observed and handle._future.exception() is not None:
+            return None  # its caller has already seen the failure
+        return handle.wait()
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._preempted = signum
+
+    @property
+    def staging_bytes(self) -> int:
+        """Host memory held for asynchronous snapshots (allocated once, reused by every save)."""
+        return self._staging.nbytes
 
     @property
     def preempted(self) -> bool:
@@ -250,19 +322,27 @@ class CheckpointManager:
         *,
         metrics: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
+        async_save: bool | None = None,
         **state: Any,
-    ) -> CheckpointRecord:
+    ) -> Any:
         """Save the named states as the checkpoint of ``step``, then apply retention.
 
         Args:
             step: the training step (a non-negative int); an existing one is replaced atomically.
             metrics: numbers to rank and show checkpoints by (tensors and numpy scalars accepted).
             metadata: plain JSON kept with the checkpoint.
+            async_save: override the manager's ``async_save`` for this call.
             **state: ``Stateful`` objects (modules, optimizers, schedulers, GradScaler, samplers,
                 your own) are saved through ``state_dict()``; anything else as a plain tree.
 
         Returns:
-            The record of the committed checkpoint.
+            Saving synchronously, the :class:`CheckpointRecord` of the committed
+            checkpoint. Saving asynchronously, a :class:`SaveHandle`, returned as
+            soon as the state has been copied into the staging buffer: training may
+            change the parameters at once; the checkpoint holds the values at the
+            call. At most one save is in flight: a new ``save`` first waits for the
+            previous one to commit, so checkpoints commit in order, and re-raises
+            its failure if it failed.
         """
         if self._lock is None:
             raise InvalidArgumentError("This CheckpointManager is closed.")
@@ -271,19 +351,42 @@ class CheckpointManager:
         reserved = [name for name in state if name.startswith("_torchkeep")]
         if reserved:
             raise InvalidArgumentError(f"State names starting with '_torchkeep' are reserved: {reserved}.")
+        self.wait()  # one save in flight; the staging buffer is free again
         tree = {name: obj.state_dict() if _is_stateful(obj) else obj for name, obj in state.items()}
         if self.rng:
             tree[RNG_KEY] = RNGState().state_dict()
         encoded = {name: _metric(name, value) for name, value in (metrics or {}).items()}
-        key = self._key(step)
-        save(tree, key, metadata={"step": step, "metrics": encoded, "metadata": metadata or {}}, storage=self._storage)
+        job = prepare_save(
+            tree,
+            self._key(step),
+            metadata={"step": step, "metrics": encoded, "metadata": metadata or {}},
+            storage=self._storage,
+        )
         self._last_save = time.monotonic()
+        if not (self.async_save if async_save is None else async_save):
+            record = self._commit(job)
+            self._exit_if_preempted()
+            return record
+        job.planned = self._staging.snapshot(job.planned)  # the only part that blocks training
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torchkeep-save")
+        handle = SaveHandle(step, self._executor.submit(self._commit, job))
+        self._inflight = handle
+        if self._preempted is not None:
+            self.wait()
+            self._exit_if_preempted()
+        return handle
+
+    def _commit(self, job: SaveJob) -> CheckpointRecord:
+        """Write, commit and apply retention: the stages after the snapshot, on either path."""
+        write_job(job)
         self._apply_retention()
-        record = self._record(key, read_manifest(self._storage, key))
+        return self._record(job.key, read_manifest(self._storage, job.key))
+
+    def _exit_if_preempted(self) -> None:
         if self._preempted is not None:
             self.close()
             raise SystemExit(0)
-        return record
 
     def _apply_retention(self) -> None:
         records = self.list()
@@ -364,6 +467,7 @@ class CheckpointManager:
             CorruptCheckpointError: no checkpoint in the directory verifies.
             StateMismatchError: a named state is not in the checkpoint, or does not fit.
         """
+        self.wait()
         records = self.list()
         if step is None:
             candidates = list(reversed(records))

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any
 
 from torchkeep.errors import CheckpointExistsError, InvalidArgumentError
 from torchkeep.formats.native import DEFAULT_MAX_SHARD_SIZE, write_native
 from torchkeep.formats.pth import write_pth
 from torchkeep.formats.safetensors_file import write_safetensors
-from torchkeep.formats.shard import plan_tensors
+from torchkeep.formats.shard import PlannedTensor, plan_tensors
 from torchkeep.manifest import MANIFEST_NAME, check_metadata
 from torchkeep.storage import Storage, resolve
 from torchkeep.tree import encode_tree
 
-__all__ = ["save"]
+__all__ = ["SaveJob", "prepare_save", "save", "write_job"]
 
 _TORCH_SUFFIXES = (".pth", ".pt")
 
@@ -47,6 +48,65 @@ def _check_target(storage: Storage, key: str, fmt: str) -> None:
             "Remove it, save to another path, or add .safetensors or .pth to the name for a single file.",
             path=where,
         )
+
+
+@dataclass
+class SaveJob:
+    """A save that has been validated and planned, ready to be snapshotted and written.
+
+    The stages of every save, shared by the synchronous and asynchronous paths:
+    :func:`prepare_save` (gather and plan: validate the tree, refuse what
+    cannot be saved, work out the layout; nothing is written), an optional
+    snapshot (:class:`torchkeep.snapshot.StagingBuffer` copies the tensors
+    aside, so training may go on), then :func:`write_job` (write, checksum,
+    commit).
+    """
+
+    storage: Storage
+    key: str
+    fmt: str
+    obj: Any
+    tree: Any
+    planned: list[PlannedTensor]
+    metadata: dict[str, Any]
+    max_shard_size: int
+
+
+def prepare_save(
+    obj: Any,
+    path: str | os.PathLike[str],
+    *,
+    metadata: dict[str, Any] | None = None,
+    compression: str | None = None,
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+    storage: Storage | None = None,
+) -> SaveJob:
+    """Validate and plan a save; raises before anything is written. See :func:`save` for the arguments."""
+    if compression is not None:
+        raise InvalidArgumentError(f"compression={compression!r} is not supported; use compression=None.")
+    if type(max_shard_size) is not int or max_shard_size <= 0:
+        raise InvalidArgumentError(f"max_shard_size must be a positive int of bytes, not {max_shard_size!r}.")
+    st, key = resolve(path, storage)
+    fmt = format_for_path(key)
+    meta = check_metadata(metadata)
+    if fmt == "torch-zip" and meta:
+        raise InvalidArgumentError(
+            "A .pth file has no place for metadata; save to a native checkpoint or a .safetensors file, "
+            "or put the values inside the saved dict."
+        )
+    tree, leaves = encode_tree(obj, numpy_ok=fmt != "torch-zip")
+    _check_target(st, key, fmt)
+    return SaveJob(st, key, fmt, obj, tree, plan_tensors(leaves), meta, max_shard_size)
+
+
+def write_job(job: SaveJob) -> None:
+    """Write a prepared save and commit it atomically."""
+    if job.fmt == "torch-zip":
+        write_pth(job.storage, job.key, job.obj)
+    elif job.fmt == "safetensors":
+        write_safetensors(job.storage, job.key, job.tree, job.planned, job.metadata)
+    else:
+        write_native(job.storage, job.key, job.tree, job.planned, job.metadata, max_shard_size=job.max_shard_size)
 
 
 def save(
@@ -84,23 +144,8 @@ def save(
     Example:
         >>> torchkeep.save({"model": model.state_dict(), "epoch": 3}, "ckpt/epoch-3")
     """
-    if compression is not None:
-        raise InvalidArgumentError(f"compression={compression!r} is not supported; use compression=None.")
-    if type(max_shard_size) is not int or max_shard_size <= 0:
-        raise InvalidArgumentError(f"max_shard_size must be a positive int of bytes, not {max_shard_size!r}.")
-    st, key = resolve(path, storage)
-    fmt = format_for_path(key)
-    meta = check_metadata(metadata)
-    if fmt == "torch-zip" and meta:
-        raise InvalidArgumentError(
-            "A .pth file has no place for metadata; save to a native checkpoint or a .safetensors file, "
-            "or put the values inside the saved dict."
+    write_job(
+        prepare_save(
+            obj, path, metadata=metadata, compression=compression, max_shard_size=max_shard_size, storage=storage
         )
-    tree, leaves = encode_tree(obj, numpy_ok=fmt != "torch-zip")
-    _check_target(st, key, fmt)
-    if fmt == "torch-zip":
-        write_pth(st, key, obj)
-    elif fmt == "safetensors":
-        write_safetensors(st, key, tree, plan_tensors(leaves), meta)
-    else:
-        write_native(st, key, tree, plan_tensors(leaves), meta, max_shard_size=max_shard_size)
+    )

@@ -1,0 +1,81 @@
+"""The snapshot stage: copy a planned state into one reusable host buffer, so training can go on.
+
+The buffer is laid out exactly as the shard's data (the plan orders tensors by
+alignment), so each tensor's staged copy is a view of it, and the writer
+writes straight from those views with no further copy. For tensors on a GPU
+the buffer is pinned and the copies run on a side stream, synchronized before
+the snapshot returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+
+from torchkeep.formats.shard import PlannedTensor, leaf_bytes
+from torchkeep.tree import ArrayLeaf
+
+__all__ = ["StagingBuffer"]
+
+
+class StagingBuffer:
+    """One host buffer, sized to the largest state seen and reused by every snapshot.
+
+    Not thread-safe, and a snapshot's views are valid only until the next
+    snapshot: the caller writes one snapshot before taking the next.
+    """
+
+    def __init__(self) -> None:
+        self._buffer: torch.Tensor | None = None
+        self.allocations = 0  # how many times memory was (re)allocated; stays 1 for a steady state
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self._buffer is None else self._buffer.numel()
+
+    def _ensure(self, nbytes: int, pinned: bool) -> torch.Tensor:
+        if self._buffer is None or self._buffer.numel() < nbytes or (pinned and not self._buffer.is_pinned()):
+            self._buffer = None  # free the old buffer first
+            self._buffer = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=pinned)
+            self.allocations += 1
+        return self._buffer
+
+    def snapshot(self, planned: list[PlannedTensor]) -> list[PlannedTensor]:
+        """Copy every planned tensor into the buffer; return the plan with the copies as its leaves."""
+        total = sum(p.nbytes for p in planned)
+        on_gpu = [p for p in planned if isinstance(p.leaf.value, torch.Tensor) and p.leaf.value.is_cuda]
+        buffer = self._ensure(total, pinned=bool(on_gpu))
+        stream = None
+        if on_gpu:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())  # see the training step's last writes
+        staged: list[PlannedTensor] = []
+        offset = 0
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            for p in planned:
+                region = buffer[offset : offset + p.nbytes]
+                offset += p.nbytes
+                value = p.leaf.value
+                if isinstance(value, torch.Tensor):
+                    source = value.detach().resolve_conj().resolve_neg()
+                    if not source.is_contiguous():
+                        source = source.contiguous()
+                    if p.nbytes:
+                        region.copy_(source.reshape(-1).view(torch.uint8), non_blocking=source.is_cuda)
+                    copy: torch.Tensor | np.ndarray = region.view(value.dtype).reshape(value.shape)
+                else:
+                    target = region.numpy()
+                    target[:] = np.frombuffer(leaf_bytes(value), dtype=np.uint8)
+                    copy = target.view(value.dtype).reshape(value.shape)
+                staged.append(_replace_leaf(p, copy))
+        if stream is not None:
+            stream.synchronize()
+        return staged
+
+
+def _replace_leaf(p: PlannedTensor, value: torch.Tensor | np.ndarray) -> PlannedTensor:
+    return PlannedTensor(
+        ArrayLeaf(p.leaf.name, value), p.kind, p.dtype, p.shape, p.nbytes, p.code, p.raw, p.align, p.device, p.order
+    )
