@@ -95,6 +95,15 @@ def test_retention_keep_last_and_best(tmp_path: Path) -> None:
         assert [r.step for r in mgr.list()] == [2, 7]
 
 
+def test_saving_an_earlier_step_never_deletes_it(tmp_path: Path) -> None:
+    with torchkeep.CheckpointManager(tmp_path, keep_last=1) as mgr:
+        mgr.save(10)
+        record = mgr.save(3)  # a rewound run saves below the newest: it stays
+        assert record.step == 3 and [r.step for r in mgr.list()] == [3, 10]
+        mgr.save(11)
+        assert [r.step for r in mgr.list()] == [11]
+
+
 def test_keep_every_and_nan_metrics(tmp_path: Path) -> None:
     with torchkeep.CheckpointManager(tmp_path, keep_last=1, keep_every=10, monitor="loss") as mgr:
         for step in range(5, 31, 5):

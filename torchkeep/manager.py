@@ -364,23 +364,23 @@ class CheckpointManager:
         )
         self._last_save = time.monotonic()
         if not (self.async_save if async_save is None else async_save):
-            record = self._commit(job)
+            record = self._commit(job, step)
             self._exit_if_preempted()
             return record
         job.planned = self._staging.snapshot(job.planned)  # the only part that blocks training
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torchkeep-save")
-        handle = SaveHandle(step, self._executor.submit(self._commit, job))
+        handle = SaveHandle(step, self._executor.submit(self._commit, job, step))
         self._inflight = handle
         if self._preempted is not None:
             self.wait()
             self._exit_if_preempted()
         return handle
 
-    def _commit(self, job: SaveJob) -> CheckpointRecord:
+    def _commit(self, job: SaveJob, step: int) -> CheckpointRecord:
         """Write, commit and apply retention: the stages after the snapshot, on either path."""
         write_job(job)
-        self._apply_retention()
+        self._apply_retention(just_saved=step)
         return self._record(job.key, read_manifest(self._storage, job.key))
 
     def _exit_if_preempted(self) -> None:
@@ -388,9 +388,10 @@ class CheckpointManager:
             self.close()
             raise SystemExit(0)
 
-    def _apply_retention(self) -> None:
+    def _apply_retention(self, just_saved: int) -> None:
         records = self.list()
-        for step in steps_to_delete(records, self.policy, monitor=self.monitor, mode=self.mode):
+        protect = frozenset({just_saved})  # even when older steps than the newest are saved again
+        for step in steps_to_delete(records, self.policy, monitor=self.monitor, mode=self.mode, protect=protect):
             self._storage.delete(self._key(step))  # an atomic rename first: never half-deleted and listed
 
     # -- listing --------------------------------------------------------------------------

@@ -159,11 +159,12 @@ def steps_to_delete(
     *,
     monitor: str | None = None,
     mode: str = "min",
+    protect: frozenset[int] = frozenset(),
 ) -> list[int]:
-    """Steps the policy lets go, never the newest nor the best by ``monitor``; oldest first."""
+    """Steps the policy lets go, oldest first; never the newest, the best by ``monitor``, nor ``protect``."""
     if policy is None or not records:
         return []
-    kept = policy.keep(records) | {max(r.step for r in records)}
+    kept = policy.keep(records) | {max(r.step for r in records)} | protect
     if monitor is not None and (best := best_record(records, monitor, mode)) is not None:
         kept.add(best.step)
     return sorted(r.step for r in records if r.step not in kept)

@@ -19,6 +19,12 @@ from torchkeep.tree import ArrayLeaf
 
 __all__ = ["StagingBuffer"]
 
+# Dtypes copied as themselves; the rarer ones (float4, bits, sub-byte ints) are copied as bytes.
+_TYPED_COPY = {
+    torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
+    torch.int8, torch.uint8, torch.bool, torch.complex64, torch.complex128,
+}  # fmt: skip
+
 
 class StagingBuffer:
     """One host buffer, sized to the largest state seen and reused by every snapshot.
@@ -62,9 +68,12 @@ class StagingBuffer:
                     source = value.detach().resolve_conj().resolve_neg()
                     if not source.is_contiguous():
                         source = source.contiguous()
-                    if p.nbytes:
+                    typed = region.view(value.dtype).reshape(value.shape)
+                    if p.nbytes and value.dtype in _TYPED_COPY:
+                        typed.copy_(source, non_blocking=source.is_cuda)  # torch copies fastest in the real dtype
+                    elif p.nbytes:
                         region.copy_(source.reshape(-1).view(torch.uint8), non_blocking=source.is_cuda)
-                    copy: torch.Tensor | np.ndarray = region.view(value.dtype).reshape(value.shape)
+                    copy: torch.Tensor | np.ndarray = typed
                 else:
                     target = region.numpy()
                     target[:] = np.frombuffer(leaf_bytes(value), dtype=np.uint8)
