@@ -112,6 +112,22 @@ def load_into_checks(d: str) -> None:
     check("meta + assign onto cuda", meta[0].weight.is_cuda and torch.allclose(out, source.eval()(x), atol=1e-5))
 
 
+def async_checks(d: str) -> None:
+    """An asynchronous save of a CUDA model holds the values at the call, though training changes them at once."""
+    model = torch.nn.Sequential(torch.nn.Linear(1024, 1024), torch.nn.Linear(1024, 1024)).cuda()
+    before = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    with torchkeep.CheckpointManager(f"{d}/async", async_save=True) as mgr:
+        handle = mgr.save(1, model=model)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)  # queued on the default stream right after save returns
+        handle.wait()
+        pinned = mgr._staging._buffer is not None and mgr._staging._buffer.is_pinned()
+    loaded = torchkeep.load(f"{d}/async/step-00000001")["model"]
+    check("async save of cuda model holds values at the call", all(torch.equal(loaded[k], before[k]) for k in before))
+    check("staging buffer is pinned for cuda state", pinned)
+
+
 def save_timings(d: str) -> None:
     import safetensors.torch
 
@@ -172,7 +188,7 @@ def main() -> None:
     RESULTS["torch"] = torch.__version__
     d = tempfile.mkdtemp(prefix="tk-gpu-")
     try:
-        for section in (mapping_checks, load_into_checks, save_timings, load_timings):
+        for section in (mapping_checks, load_into_checks, async_checks, save_timings, load_timings):
             try:
                 section(d)
             except Exception:
