@@ -112,6 +112,15 @@ def test_staging_buffer_is_reused(tmp_path: Path) -> None:
         assert sizes >= sum(p.numel() * 4 for p in model.parameters())
 
 
+def test_staging_bound_falls_back_to_a_synchronous_save(tmp_path: Path) -> None:
+    model = nn.Linear(64, 64)
+    with torchkeep.CheckpointManager(tmp_path, async_save=True, max_staging_bytes=20_000) as mgr:
+        with pytest.warns(RuntimeWarning, match="saved synchronously"):
+            result = mgr.save(1, model=model)
+        assert isinstance(result, torchkeep.CheckpointRecord) and mgr.staging_bytes == 0
+        assert isinstance(mgr.save(2, small={"x": torch.ones(4)}), torchkeep.SaveHandle)
+
+
 def test_restore_waits_for_the_save_in_flight(tmp_path: Path) -> None:
     model = nn.Linear(32, 32)
     with torchkeep.CheckpointManager(tmp_path, async_save=True) as mgr:

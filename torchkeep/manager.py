@@ -173,6 +173,8 @@ class CheckpointManager:
         async_save: ``save`` returns once the state is copied into a reused staging buffer
             (pinned for GPU tensors) and writes, commits and applies retention in a
             background thread; see :meth:`save`.
+        max_staging_bytes: a bound on the staging buffer. A state larger than this is
+            saved synchronously instead, tensor by tensor from where it lives, with a warning.
         install_signal_handler: True (SIGTERM and SIGUSR1) or a list of signals. On one,
             :meth:`should_save` turns true, and the next :meth:`save` commits then exits with status 0.
         storage: use this storage, with ``directory`` as the key of the folder in it.
@@ -204,6 +206,7 @@ class CheckpointManager:
         save_interval: float | None = None,
         rng: bool = True,
         async_save: bool = False,
+        max_staging_bytes: int | None = None,
         install_signal_handler: bool | Sequence[int] = False,
         storage: Storage | None = None,
     ) -> None:
@@ -232,6 +235,7 @@ class CheckpointManager:
         self.save_interval = save_interval
         self.rng = rng
         self.async_save = async_save
+        self.max_staging_bytes = max_staging_bytes
         self._staging = StagingBuffer()
         self._executor: ThreadPoolExecutor | None = None
         self._inflight: SaveHandle | None = None
@@ -363,7 +367,17 @@ class CheckpointManager:
             storage=self._storage,
         )
         self._last_save = time.monotonic()
-        if not (self.async_save if async_save is None else async_save):
+        wants_async = self.async_save if async_save is None else async_save
+        size = sum(p.nbytes for p in job.planned)
+        if wants_async and self.max_staging_bytes is not None and size > self.max_staging_bytes:
+            warnings.warn(
+                f"The state of step {step} is {size} bytes, over max_staging_bytes={self.max_staging_bytes}; "
+                "it is saved synchronously.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            wants_async = False
+        if not wants_async:
             record = self._commit(job, step)
             self._exit_if_preempted()
             return record
