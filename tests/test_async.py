@@ -151,3 +151,23 @@ def test_sigkill_during_a_background_write_leaves_nothing_partial(tmp_path: Path
         state: dict[str, Any] = {}
         record = mgr.restore(state=state)
         assert record is not None and torch.equal(state["w"], torch.full((4096, 1024), float(record.step)))
+
+
+EXIT = textwrap.dedent(
+    """
+    import sys, torch, torchkeep
+    mgr = torchkeep.CheckpointManager(sys.argv[1], async_save=True)
+    mgr.save(1, state={"w": torch.full((2048, 1024), 7.0)})
+    # no wait() and no close(): the interpreter exits with the write in flight
+    """
+)
+
+
+def test_interpreter_exit_waits_for_the_save_in_flight(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-c", EXIT, str(tmp_path)], cwd=ROOT, capture_output=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    with torchkeep.CheckpointManager(tmp_path) as mgr:
+        assert [r.step for r in mgr.list()] == [1]
+        state: dict[str, Any] = {}
+        mgr.restore(state=state)
+    assert torch.equal(state["w"], torch.full((2048, 1024), 7.0))

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -165,14 +165,23 @@ def write_shard(
             f.write(data)
     else:
         # Checksums are computed on another thread while the same buffers are written
-        # (xxhash and file writes both release the GIL).
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="torchkeep-checksum") as pool:
-            digests = pool.submit(lambda: [checksum(b) for b in buffers])
+        # (xxhash and file writes both release the GIL). A plain thread, not an
+        # executor: a background save may still be running as the interpreter exits.
+        digests: list[str] = []
+        hasher = threading.Thread(
+            target=lambda: digests.extend(checksum(b) for b in buffers), name="torchkeep-checksum"
+        )
+        hasher.start()
+        try:
             header = _header_bytes(planned, spans, metadata or {})
             f.write(header)
             for data in buffers:
                 f.write(data)
-            entries = entries_with(digests.result())
+        finally:
+            hasher.join()
+        if len(digests) != len(buffers):
+            raise RuntimeError("computing checksums failed; see the error printed by the torchkeep-checksum thread")
+        entries = entries_with(digests)
     return entries, len(header) + position
 
 
