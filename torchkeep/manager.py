@@ -14,7 +14,6 @@ import math
 import os
 import re
 import signal
-import threading
 import time
 import warnings
 from collections.abc import Sequence
@@ -29,13 +28,13 @@ from torch import nn
 from torchkeep.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
-    DirectoryLockedError,
     InvalidArgumentError,
     StateMismatchError,
     TorchkeepError,
 )
 from torchkeep.formats.native import read_manifest
 from torchkeep.loading import load
+from torchkeep.locking import FolderLock
 from torchkeep.manifest import Manifest
 from torchkeep.model_loading import load_into
 from torchkeep.report import LoadReport
@@ -60,8 +59,6 @@ __all__ = ["CheckpointManager", "SaveHandle"]
 RNG_KEY = "_torchkeep_rng"
 _NAME = re.compile(r"^step-(\d+)$")
 _LOCK_NAME = ".torchkeep.lock"
-_memory_locks: set[tuple[int, str]] = set()
-_memory_locks_guard = threading.Lock()
 
 
 def _metric(name: str, value: Any) -> float | str:
@@ -77,53 +74,6 @@ def _read_metrics(raw: Any) -> dict[str, float]:
     if not isinstance(raw, dict):
         return {}
     return {k: float(v) for k, v in raw.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
-
-
-class _DirectoryLock:
-    """One writer per directory: ``flock`` on a file (released by the kernel if the process dies)."""
-
-    def __init__(self, storage: Storage, prefix: str) -> None:
-        self._fd: int | None = None
-        self._memory_key: tuple[int, str] | None = None
-        local = storage.local_path(prefix)
-        where = storage.describe(prefix)
-        if local is None:
-            key = (id(storage), prefix)
-            with _memory_locks_guard:
-                if key in _memory_locks:
-                    raise DirectoryLockedError(
-                        f"{where!r} already has a CheckpointManager writing to it in this process; close() it first.",
-                        path=where,
-                    )
-                _memory_locks.add(key)
-            self._memory_key = key
-            return
-        import fcntl
-
-        os.makedirs(local, exist_ok=True)
-        fd = os.open(os.path.join(local, _LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
-            os.close(fd)
-            raise DirectoryLockedError(
-                f"{where!r} is being written by another CheckpointManager (pid {holder}); two writers would "
-                "delete each other's checkpoints. Use another directory, or close the other manager.",
-                path=where,
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        self._fd = fd
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor releases the flock
-            self._fd = None
-        if self._memory_key is not None:
-            with _memory_locks_guard:
-                _memory_locks.discard(self._memory_key)
-            self._memory_key = None
 
 
 class SaveHandle:
@@ -241,7 +191,9 @@ class CheckpointManager:
         self._inflight: SaveHandle | None = None
         self._storage, self._prefix = resolve(directory, storage)
         self.directory = self._storage.describe(self._prefix)
-        self._lock: _DirectoryLock | None = _DirectoryLock(self._storage, self._prefix)
+        self._lock: FolderLock | None = FolderLock(
+            self._storage, self._prefix, name=_LOCK_NAME, blocking=False, holder="another CheckpointManager"
+        )
         self._last_save = time.monotonic()
         self._preempted: int | None = None
         self._previous_handlers: dict[int, Any] = {}
