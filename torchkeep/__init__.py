@@ -28,6 +28,7 @@ from torchkeep.info import CheckpointInfo, TensorInfo, VerifyReport
 from torchkeep.loading import inspect, load, verify
 from torchkeep.manager import CheckpointManager, SaveHandle
 from torchkeep.model_loading import load_into
+from torchkeep.registry import ModelVersion, Registry, VersionDiff
 from torchkeep.report import Cast, LoadReport, Mismatch
 from torchkeep.retention import (
     AnyOf,
@@ -62,7 +63,9 @@ __all__ = [
     "LocalStorage",
     "MemoryStorage",
     "Mismatch",
+    "ModelVersion",
     "RNGState",
+    "Registry",
     "ResumableSampler",
     "RetentionPolicy",
     "SaveHandle",
@@ -76,6 +79,7 @@ __all__ = [
     "UnsupportedFormatError",
     "UnsupportedObjectError",
     "VerifyReport",
+    "VersionDiff",
     "__version__",
     "inspect",
     "load",
