@@ -15,6 +15,7 @@ import torch
 
 import torchkeep
 from tests.conftest import assert_same, train_state
+from torchkeep.manifest import FORMAT_VERSION
 
 
 def test_reads_plain_torch_zip_and_legacy_files(tmp_path: Any) -> None:
@@ -249,7 +250,7 @@ def test_newer_format_version_is_refused(tmp_path: Any) -> None:
     torchkeep.save({"w": torch.ones(2)}, tmp_path / "ckpt")
     path = tmp_path / "ckpt" / "manifest.json"
     manifest = json.loads(path.read_text())
-    manifest["format_version"] = 2
+    manifest["format_version"] = FORMAT_VERSION + 1
     path.write_text(json.dumps(manifest))
     with pytest.raises(torchkeep.UnsupportedFormatError, match="Upgrade torchkeep"):
         torchkeep.load(tmp_path / "ckpt")

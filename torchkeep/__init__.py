@@ -9,6 +9,7 @@ every tensor::
 """
 
 from torchkeep._version import __version__
+from torchkeep.compression import Compression
 from torchkeep.data import ResumableSampler
 from torchkeep.errors import (
     CheckpointExistsError,
@@ -52,6 +53,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "CheckpointRecord",
     "ChecksumMismatchError",
+    "Compression",
     "CorruptCheckpointError",
     "DirectoryLockedError",
     "InvalidArgumentError",

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from torchkeep.compression import Compression
 from torchkeep.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
@@ -123,6 +124,8 @@ class CheckpointManager:
         async_save: ``save`` returns once the state is copied into a reused staging buffer
             (pinned for GPU tensors) and writes, commits and applies retention in a
             background thread; see :meth:`save`.
+        compression: compress every checkpoint (``"zstd"``, ``"zstd:LEVEL"`` or a
+            :class:`Compression`); see :func:`torchkeep.save`.
         max_staging_bytes: a bound on the staging buffer. A state larger than this is
             saved synchronously instead, tensor by tensor from where it lives, with a warning.
         install_signal_handler: True (SIGTERM and SIGUSR1) or a list of signals. On one,
@@ -157,6 +160,7 @@ class CheckpointManager:
         rng: bool = True,
         async_save: bool = False,
         max_staging_bytes: int | None = None,
+        compression: str | Compression | None = None,
         install_signal_handler: bool | Sequence[int] = False,
         storage: Storage | None = None,
     ) -> None:
@@ -186,6 +190,7 @@ class CheckpointManager:
         self.rng = rng
         self.async_save = async_save
         self.max_staging_bytes = max_staging_bytes
+        self.compression = Compression.parse(compression)
         self._staging = StagingBuffer()
         self._executor: ThreadPoolExecutor | None = None
         self._inflight: SaveHandle | None = None
@@ -316,6 +321,7 @@ class CheckpointManager:
             tree,
             self._key(step),
             metadata={"step": step, "metrics": encoded, "metadata": metadata or {}},
+            compression=self.compression,
             storage=self._storage,
         )
         self._last_save = time.monotonic()

@@ -39,7 +39,9 @@ from torchkeep.integrity import CHECKSUM_ALGORITHM
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MANIFEST_NAME", "Manifest", "ShardEntry", "TensorEntry"]
 
 FORMAT_NAME = "torchkeep.checkpoint"
-FORMAT_VERSION = 1
+#: The newest format this torchkeep reads and writes. Version 2 adds compressed
+#: shards; a checkpoint without them is still written as version 1.
+FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024
 
@@ -61,20 +63,34 @@ class TensorEntry:
     offsets: tuple[int, int]
     checksum: str
     device: str = "cpu"
+    shuffle: int = 0  # in a compressed shard: the element size its bytes were shuffled by (0: not shuffled)
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         out["shape"] = list(self.shape)
         out["offsets"] = list(self.offsets)
+        if not self.shuffle:
+            del out["shuffle"]
         return out
 
 
 @dataclass(frozen=True)
 class ShardEntry:
-    """One data file of the checkpoint."""
+    """One data file of the checkpoint.
+
+    ``compression`` is None for a safetensors shard, or ``"zstd"`` for a shard of
+    independent zstd frames, one per tensor (format version 2).
+    """
 
     file: str
     size: int
+    compression: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"file": self.file, "size": self.size}
+        if self.compression is not None:
+            out["compression"] = self.compression
+        return out
 
 
 def _now() -> str:
@@ -121,7 +137,7 @@ class Manifest:
     created: str = field(default_factory=_now)
     provenance: dict[str, str] = field(default_factory=provenance)
     checksum_algorithm: str = CHECKSUM_ALGORITHM
-    format_version: int = FORMAT_VERSION
+    format_version: int = 1  # 2 only when a shard is compressed, so older readers keep reading the rest
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -132,7 +148,7 @@ class Manifest:
             "checksum_algorithm": self.checksum_algorithm,
             "metadata": self.metadata,
             "tree": self.tree,
-            "shards": [asdict(s) for s in self.shards],
+            "shards": [s.to_json() for s in self.shards],
             "tensors": [t.to_json() for t in self.tensors],
         }
 
@@ -165,7 +181,7 @@ class Manifest:
                     f"{path!r} uses checksum algorithm {algorithm!r}; this torchkeep knows {CHECKSUM_ALGORITHM!r}.",
                     path=path,
                 )
-            shards = tuple(ShardEntry(file=_str(s["file"]), size=_int(s["size"])) for s in data["shards"])
+            shards = tuple(_shard_entry(s, path) for s in data["shards"])
             tensors = tuple(_tensor_entry(t) for t in data["tensors"])
             metadata = data["metadata"]
             if not isinstance(metadata, dict):
@@ -210,6 +226,15 @@ def _int(value: object) -> int:
     return value
 
 
+def _shard_entry(s: dict[str, Any], path: str | None) -> ShardEntry:
+    compression = s.get("compression")
+    if compression not in (None, "zstd"):
+        raise UnsupportedFormatError(
+            f"{path!r} has a shard compressed with {compression!r}, which this torchkeep cannot read.", path=path
+        )
+    return ShardEntry(file=_str(s["file"]), size=_int(s["size"]), compression=compression)
+
+
 def _tensor_entry(t: dict[str, Any]) -> TensorEntry:
     begin, end = (_int(v) for v in t["offsets"])
     if end < begin:
@@ -227,4 +252,5 @@ def _tensor_entry(t: dict[str, Any]) -> TensorEntry:
         offsets=(begin, end),
         checksum=_str(t["checksum"]),
         device=_str(t.get("device", "cpu")),
+        shuffle=_int(t.get("shuffle", 0)),
     )

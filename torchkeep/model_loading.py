@@ -22,6 +22,7 @@ from torch import nn
 
 from torchkeep.dtypes import torch_dtype_from_name, torch_dtype_name
 from torchkeep.errors import ChecksumMismatchError, InvalidArgumentError, StateMismatchError
+from torchkeep.formats.compressed import read_compressed
 from torchkeep.formats.detect import TORCH_LEGACY, TORCH_ZIP, detect_format
 from torchkeep.formats.pth import load_pth
 from torchkeep.formats.shard import read_header
@@ -55,6 +56,7 @@ class _Item:
     entry: TensorEntry | None = None
     shard_key: str = ""
     offset: int = 0
+    compressed: bool = False
 
 
 _PIECE = 4 * 1024 * 1024
@@ -177,6 +179,7 @@ def _source_items(
     source: Any, key: str | Sequence[str | int] | None, storage: Storage | None, verify: bool
 ) -> tuple[dict[str, _Item | Any], str, Storage | None]:
     """Flat source keys -> streamable items (tensors) or plain values, reading no tensor data."""
+    compressed: frozenset[str] = frozenset()
     if isinstance(source, Mapping):
         tree, where, st = source, "the source state dict", None
     else:
@@ -190,7 +193,11 @@ def _source_items(
             tree = decode_tree(
                 opened.manifest.tree, {e.name: e for e in opened.manifest.tensors}, path=where, placeholders=True
             )
-            shards = {name: (k, read_header(st, k).data_start) for name, k in opened.shard_keys.items()}
+            shards = {
+                name: (k, 0 if name in opened.compressed else read_header(st, k).data_start)
+                for name, k in opened.shard_keys.items()
+            }
+            compressed = opened.compressed
     items: dict[str, _Item | Any] = {}
     for name, leaf in _flatten(_select(tree, key, where)).items():
         if isinstance(leaf, torch.Tensor):
@@ -198,7 +205,10 @@ def _source_items(
         elif isinstance(leaf, TensorEntry) and leaf.kind == "torch":
             shard_key, data_start = shards[leaf.shard]
             dtype = torch_dtype_from_name(leaf.dtype, path=where, key=leaf.name)
-            items[name] = _Item(leaf.shape, dtype, entry=leaf, shard_key=shard_key, offset=data_start + leaf.offsets[0])
+            items[name] = _Item(
+                leaf.shape, dtype, entry=leaf, shard_key=shard_key, offset=data_start + leaf.offsets[0],
+                compressed=leaf.shard in compressed,
+            )  # fmt: skip
         else:
             items[name] = leaf  # a plain value, or a numpy array's entry (modules hold none)
     return items, where, st
@@ -335,7 +345,13 @@ def _load_module(
 
 def _direct(item: _Item, dest: torch.Tensor) -> bool:
     """Whether the file's bytes can be read straight into ``dest``'s memory."""
-    return item.entry is not None and dest.device.type == "cpu" and dest.dtype == item.dtype and dest.is_contiguous()
+    return (
+        item.entry is not None
+        and not item.compressed  # a compressed frame must be decompressed first
+        and dest.device.type == "cpu"
+        and dest.dtype == item.dtype
+        and dest.is_contiguous()
+    )
 
 
 def _copy_all(
@@ -403,6 +419,12 @@ def _copy_staged(storage: Storage | None, item: _Item, dest: torch.Tensor, stagi
     entry = item.entry
     assert entry is not None and storage is not None
     if entry.nbytes == 0:
+        return True
+    if item.compressed:
+        data = read_compressed(storage, item.shard_key, entry, path=storage.describe(item.shard_key))
+        if verify and entry.checksum and checksum(data) != entry.checksum:
+            return False
+        dest.copy_(torch.frombuffer(data, dtype=torch.uint8).view(item.dtype).reshape(item.shape))
         return True
     buffer = staging.take(entry.nbytes, pinned=dest.device.type == "cuda")
     view = _bytes_of(buffer)

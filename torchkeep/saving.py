@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from torchkeep.compression import Compression
 from torchkeep.errors import CheckpointExistsError, InvalidArgumentError
 from torchkeep.formats.native import DEFAULT_MAX_SHARD_SIZE, write_native
 from torchkeep.formats.pth import write_pth
@@ -70,6 +71,7 @@ class SaveJob:
     planned: list[PlannedTensor]
     metadata: dict[str, Any]
     max_shard_size: int
+    compression: Compression | None = None
 
 
 def prepare_save(
@@ -77,18 +79,22 @@ def prepare_save(
     path: str | os.PathLike[str],
     *,
     metadata: dict[str, Any] | None = None,
-    compression: str | None = None,
+    compression: str | Compression | None = None,
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
     storage: Storage | None = None,
 ) -> SaveJob:
     """Validate and plan a save; raises before anything is written. See :func:`save` for the arguments."""
-    if compression is not None:
-        raise InvalidArgumentError(f"compression={compression!r} is not supported; use compression=None.")
+    codec = Compression.parse(compression)
     if type(max_shard_size) is not int or max_shard_size <= 0:
         raise InvalidArgumentError(f"max_shard_size must be a positive int of bytes, not {max_shard_size!r}.")
     st, key = resolve(path, storage)
     fmt = format_for_path(key)
     meta = check_metadata(metadata)
+    if codec is not None and fmt != "torchkeep":
+        raise InvalidArgumentError(
+            f"compression is for native checkpoints; a {fmt} file cannot hold compressed tensors. "
+            "Save to a path without .safetensors/.pth, or drop compression."
+        )
     if fmt == "torch-zip" and meta:
         raise InvalidArgumentError(
             "A .pth file has no place for metadata; save to a native checkpoint or a .safetensors file, "
@@ -96,7 +102,7 @@ def prepare_save(
         )
     tree, leaves = encode_tree(obj, numpy_ok=fmt != "torch-zip")
     _check_target(st, key, fmt)
-    return SaveJob(st, key, fmt, obj, tree, plan_tensors(leaves), meta, max_shard_size)
+    return SaveJob(st, key, fmt, obj, tree, plan_tensors(leaves), meta, max_shard_size, codec)
 
 
 def write_job(job: SaveJob) -> None:
@@ -106,7 +112,10 @@ def write_job(job: SaveJob) -> None:
     elif job.fmt == "safetensors":
         write_safetensors(job.storage, job.key, job.tree, job.planned, job.metadata)
     else:
-        write_native(job.storage, job.key, job.tree, job.planned, job.metadata, max_shard_size=job.max_shard_size)
+        write_native(
+            job.storage, job.key, job.tree, job.planned, job.metadata,
+            max_shard_size=job.max_shard_size, compression=job.compression,
+        )  # fmt: skip
 
 
 def save(
@@ -114,7 +123,7 @@ def save(
     path: str | os.PathLike[str],
     *,
     metadata: dict[str, Any] | None = None,
-    compression: str | None = None,
+    compression: str | Compression | None = None,
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
     storage: Storage | None = None,
 ) -> None:
@@ -132,7 +141,10 @@ def save(
             torch.Size. Identical views of one storage (tied weights) are stored once.
         path: a file or directory path, or a URL (``memory://store/key``).
         metadata: plain JSON kept with the checkpoint (not for ``.pth``).
-        compression: reserved; only None is supported in this version.
+        compression: ``"zstd"``, ``"zstd:LEVEL"`` or a :class:`Compression`, for native
+            checkpoints: each tensor is byte-shuffled and compressed on its own
+            (format version 2; needs the ``zstd`` extra). Loading decompresses
+            transparently; such tensors are read into memory rather than mapped.
         max_shard_size: bytes of tensor data per shard file in a native checkpoint.
         storage: write into this storage, with ``path`` as the key.
 

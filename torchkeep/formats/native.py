@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from torchkeep.compression import Compression
 from torchkeep.errors import CheckpointNotFoundError, CorruptCheckpointError
+from torchkeep.formats.compressed import write_compressed_shard
 from torchkeep.formats.shard import PlannedTensor, tree_order, write_shard
 from torchkeep.formats.tensors import OpenedCheckpoint
 from torchkeep.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, ShardEntry, TensorEntry
@@ -36,6 +38,7 @@ def write_native(
     metadata: dict[str, Any],
     *,
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+    compression: Compression | None = None,
 ) -> Manifest:
     """Write shards, then the manifest, then commit; on any failure nothing is published.
 
@@ -47,12 +50,25 @@ def write_native(
         entries: list[TensorEntry] = []
         shards: list[ShardEntry] = []
         for index, group in enumerate(_split(planned, max_shard_size)):
-            name = f"data-{index:05d}.safetensors"
-            with txn.open(name) as f:
-                written, size = write_shard(f, group, name, {"format": "pt"})
+            if compression is None:
+                name = f"data-{index:05d}.safetensors"
+                with txn.open(name) as f:
+                    written, size = write_shard(f, group, name, {"format": "pt"})
+            else:
+                name = f"data-{index:05d}.zst"
+                with txn.open(name) as f:
+                    written, size = write_compressed_shard(f, group, name, compression)
             entries.extend(written)
-            shards.append(ShardEntry(file=name, size=size))
-        manifest = Manifest(tree=tree, tensors=tree_order(entries, planned), shards=tuple(shards), metadata=metadata)
+            shards.append(
+                ShardEntry(file=name, size=size, compression=None if compression is None else compression.codec)
+            )
+        manifest = Manifest(
+            tree=tree,
+            tensors=tree_order(entries, planned),
+            shards=tuple(shards),
+            metadata=metadata,
+            format_version=1 if compression is None else 2,
+        )
         with txn.open(MANIFEST_NAME) as f:
             f.write(manifest.to_bytes())
         txn.commit()
@@ -116,4 +132,7 @@ def open_native(storage: Storage, key: str) -> OpenedCheckpoint:
                 path=storage.describe(shard_key),
             )
         shard_keys[shard.file] = shard_key
-    return OpenedCheckpoint(format="torchkeep", path=path, manifest=manifest, shard_keys=shard_keys)
+    compressed = frozenset(s.file for s in manifest.shards if s.compression)
+    return OpenedCheckpoint(
+        format="torchkeep", path=path, manifest=manifest, shard_keys=shard_keys, compressed=compressed
+    )

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from torchkeep.errors import ChecksumMismatchError, CorruptCheckpointError
+from torchkeep.formats.compressed import read_compressed
 from torchkeep.formats.shard import ShardHeader, materialize, read_header
 from torchkeep.integrity import checksum
 from torchkeep.manifest import Manifest, TensorEntry
@@ -30,6 +31,7 @@ class OpenedCheckpoint:
     path: str
     manifest: Manifest
     shard_keys: dict[str, str]
+    compressed: frozenset[str] = frozenset()  # shards of zstd frames rather than safetensors
 
 
 def read_arrays(
@@ -55,6 +57,7 @@ def read_arrays(
     headers: dict[str, ShardHeader] = {}
     buffers: dict[str, memoryview] = {}
     located: list[tuple[TensorEntry, memoryview, int, int]] = []
+    packed: list[tuple[TensorEntry, str]] = []
     # File order, so the shards are read front to back.
     for entry in sorted(opened.manifest.tensors, key=lambda e: (e.shard, e.offsets[0])):
         if names is not None and entry.name not in names:
@@ -67,6 +70,9 @@ def read_arrays(
                 path=opened.path,
                 key=entry.name,
             )
+        if entry.shard in opened.compressed:
+            packed.append((entry, key))
+            continue
         if key not in headers:
             headers[key] = read_header(storage, key)
             buffers[key] = storage.map(key)
@@ -94,6 +100,16 @@ def read_arrays(
     digests = checksums([buf[start:end] for _, buf, start, end in checked])
     damaged = [entry.name for (entry, *_), digest in zip(checked, digests, strict=True) if digest != entry.checksum]
     arrays: dict[str, torch.Tensor | np.ndarray] = {}
+    checked_bytes = sum(entry.nbytes for entry, *_ in checked)
+    for entry, key in packed:  # compressed: read, decompress and check one tensor at a time
+        data = read_compressed(storage, key, entry, path=opened.path)
+        if verify and entry.checksum:
+            if checksum(data) != entry.checksum:
+                damaged.append(entry.name)
+                continue
+            checked_bytes += entry.nbytes
+        if build:
+            arrays[entry.name] = materialize(data, 0, entry, path=opened.path)
     if build and not damaged:
         for entry, buf, start, _ in located:
             arrays[entry.name] = materialize(buf, start, entry, path=opened.path)
@@ -107,7 +123,7 @@ def read_arrays(
             path=opened.path,
             damaged=damaged,
         )
-    return arrays, sum(entry.nbytes for entry, *_ in checked)
+    return arrays, checked_bytes
 
 
 _PARALLEL_BYTES = 64 * 1024 * 1024
