@@ -18,15 +18,18 @@ class Compression:
 
     Args:
         codec: ``"zstd"`` (the only codec).
-        level: zstd level, 1 (fastest) to 19; the default 3 is fast and near the best
-            ratio for weights.
+        level: zstd level, 1 (fastest) to 22. On shuffled weights and optimizer state
+            higher levels barely shrink the data further (see benchmarks/RESULTS.md),
+            so the default is 1.
         shuffle: byte-shuffle tensors of multi-byte dtypes first (all the first bytes
             of the elements, then all the second bytes, ...), which lets zstd find
-            the redundancy in exponents and sign bits.
+            the redundancy in exponents and sign bits. A tensor over 256 KiB is
+            shuffled only if that shrinks a sample of it (mostly-zero data compresses
+            better unshuffled); the manifest records the choice per tensor.
     """
 
     codec: str = "zstd"
-    level: int = 3
+    level: int = 1
     shuffle: bool = True
 
     def __post_init__(self) -> None:
@@ -59,9 +62,9 @@ def _zstd() -> Any:
     return zstandard
 
 
-def compressor(level: int) -> Any:
-    """A zstd compressor (reusable on one thread)."""
-    return _zstd().ZstdCompressor(level=level)
+def compressor(level: int, threads: int = 0) -> Any:
+    """A zstd compressor (reusable on one thread); ``threads`` > 0 splits one large frame across threads."""
+    return _zstd().ZstdCompressor(level=level, threads=threads)
 
 
 def decompress(frame: bytes | memoryview, size: int) -> bytes:

@@ -8,7 +8,10 @@ bytes. Such shards are read into private memory, not mapped.
 
 from __future__ import annotations
 
-from typing import BinaryIO
+import os
+import threading
+from collections.abc import Callable
+from typing import Any, BinaryIO, TypeVar
 
 from torchkeep.compression import Compression, compressor, decompress, unshuffle
 from torchkeep.compression import shuffle as shuffle_bytes
@@ -20,28 +23,77 @@ from torchkeep.storage import Storage
 
 __all__ = ["read_compressed", "write_compressed_shard"]
 
+_LARGE = 8 * 1024 * 1024
+_SAMPLE = 256 * 1024
+T = TypeVar("T")
+R = TypeVar("R")
+
 
 def write_compressed_shard(
     f: BinaryIO, planned: list[PlannedTensor], shard: str, compression: Compression
 ) -> tuple[list[TensorEntry], int]:
-    """Write each tensor as its own zstd frame; checksums cover the uncompressed bytes."""
-    zstd = compressor(compression.level)
-    entries = []
-    position = 0
-    for p in planned:
+    """Write each tensor as its own zstd frame; checksums cover the uncompressed bytes.
+
+    Tensors are compressed on several threads at once (zstd and xxhash release
+    the GIL), a few at a time so memory stays bounded, and written in order.
+    """
+    workers = max(1, min(8, os.cpu_count() or 1))
+
+    def pack(p: PlannedTensor) -> tuple[bytes, str, int]:
         data = leaf_bytes(p.leaf.value)
         itemsize = p.nbytes // max(1, _numel(p.shape)) if p.nbytes else 0
         stride = itemsize if compression.shuffle and itemsize > 1 and not p.raw else 0
-        frame = zstd.compress(shuffle_bytes(data, stride) if stride else data)
-        f.write(frame)
-        entries.append(
-            TensorEntry(
-                name=p.name, kind=p.kind, dtype=p.dtype, shape=p.shape, nbytes=p.nbytes, shard=shard,
-                offsets=(position, position + len(frame)), checksum=checksum(data), device=p.device, shuffle=stride,
-            )
-        )  # fmt: skip
-        position += len(frame)
+        if stride and len(data) > _SAMPLE and not _shuffle_helps(data, stride, compression.level):
+            stride = 0
+        threads = workers if p.nbytes >= _LARGE else 0  # a large tensor's frame is compressed on all cores
+        frame = compressor(compression.level, threads).compress(shuffle_bytes(data, stride) if stride else data)
+        return frame, checksum(data), stride
+
+    entries = []
+    position = 0
+    for start in range(0, len(planned), 2 * workers):
+        batch = planned[start : start + 2 * workers]
+        for p, (frame, digest, stride) in zip(batch, _parallel(pack, batch, workers), strict=True):
+            f.write(frame)
+            entries.append(
+                TensorEntry(
+                    name=p.name, kind=p.kind, dtype=p.dtype, shape=p.shape, nbytes=p.nbytes, shard=shard,
+                    offsets=(position, position + len(frame)), checksum=digest, device=p.device, shuffle=stride,
+                )
+            )  # fmt: skip
+            position += len(frame)
     return entries, position
+
+
+def _parallel(fn: Callable[[T], R], items: list[T], workers: int) -> list[R]:
+    """``[fn(x) for x in items]`` on plain threads (usable while the interpreter shuts down)."""
+    if workers == 1 or len(items) == 1:
+        return [fn(x) for x in items]
+    results: list[Any] = [None] * len(items)
+    errors: list[BaseException] = []
+
+    def run(indices: range) -> None:
+        try:
+            for i in indices:
+                results[i] = fn(items[i])
+        except BaseException as exc:  # re-raised in the caller below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(range(w, len(items), workers),)) for w in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+def _shuffle_helps(data: memoryview, stride: int, level: int) -> bool:
+    """Compress a sample both ways: shuffling wins on dense floats and loses on mostly-zero data."""
+    sample = data[: _SAMPLE - _SAMPLE % stride]
+    zstd = compressor(level)
+    return len(zstd.compress(shuffle_bytes(sample, stride))) < len(zstd.compress(sample))
 
 
 def _numel(shape: tuple[int, ...]) -> int:
