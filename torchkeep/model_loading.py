@@ -60,6 +60,7 @@ class _Item:
 
 
 _PIECE = 4 * 1024 * 1024
+_GPU_PIECE = 16 * 1024 * 1024
 
 
 class _Staging:
@@ -67,6 +68,13 @@ class _Staging:
 
     def __init__(self) -> None:
         self._buffer: torch.Tensor | None = None
+        self._pieces: list[torch.Tensor] = []
+
+    def pieces(self) -> list[torch.Tensor]:
+        """Two pinned buffers of one piece each, for overlapping file reads with copies to a GPU."""
+        if not self._pieces:
+            self._pieces = [torch.empty(_GPU_PIECE, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+        return self._pieces
 
     def take(self, nbytes: int, *, pinned: bool) -> torch.Tensor:
         if self._buffer is None or self._buffer.numel() < nbytes or self._buffer.is_pinned() != pinned:
@@ -412,7 +420,10 @@ def _read_and_check(storage: Storage, item: _Item, view: memoryview, key: str, v
 
 
 def _copy_staged(storage: Storage | None, item: _Item, dest: torch.Tensor, staging: _Staging, verify: bool) -> bool:
-    """Copy through a staging buffer (another device or dtype); False, and ``dest`` untouched, if damaged."""
+    """Copy through a staging buffer (another device or dtype); False if the bytes are damaged.
+
+    A damaged tensor leaves ``dest`` untouched, except when it was streamed to a GPU in pieces.
+    """
     if item.tensor is not None:
         dest.copy_(item.tensor)
         return True
@@ -426,6 +437,8 @@ def _copy_staged(storage: Storage | None, item: _Item, dest: torch.Tensor, stagi
             return False
         dest.copy_(torch.frombuffer(data, dtype=torch.uint8).view(item.dtype).reshape(item.shape))
         return True
+    if dest.device.type == "cuda" and dest.dtype == item.dtype and dest.is_contiguous():
+        return _copy_to_gpu(storage, item, dest, staging, verify)
     buffer = staging.take(entry.nbytes, pinned=dest.device.type == "cuda")
     view = _bytes_of(buffer)
     storage.read_into(item.shard_key, item.offset, view)
@@ -433,6 +446,35 @@ def _copy_staged(storage: Storage | None, item: _Item, dest: torch.Tensor, stagi
         return False  # dest keeps its value
     dest.copy_(buffer.view(item.dtype).reshape(item.shape))
     return True
+
+
+def _copy_to_gpu(storage: Storage, item: _Item, dest: torch.Tensor, staging: _Staging, verify: bool) -> bool:
+    """Stream a tensor to the GPU in pieces through two pinned buffers, reading one while the other copies.
+
+    Like a direct read, the bytes land before their checksum is known: on a
+    mismatch ``dest`` holds them, and the caller reports the tensor as damaged.
+    """
+    entry = item.entry
+    assert entry is not None
+    target = dest.detach().reshape(-1).view(torch.uint8)
+    buffers = staging.pieces()
+    stream = torch.cuda.current_stream(dest.device)
+    events = [torch.cuda.Event(), torch.cuda.Event()]
+    digest = new_checksum()
+    for index, start in enumerate(range(0, entry.nbytes, _GPU_PIECE)):
+        slot = index % 2
+        if index >= 2:
+            events[slot].synchronize()  # the copy out of this buffer has finished
+        n = min(_GPU_PIECE, entry.nbytes - start)
+        piece = buffers[slot][:n]
+        view = _bytes_of(piece)
+        storage.read_into(item.shard_key, item.offset + start, view)
+        if verify:
+            digest.update(view)
+        target[start : start + n].copy_(piece, non_blocking=True)
+        events[slot].record(stream)
+    stream.synchronize()
+    return not verify or not entry.checksum or digest.hexdigest() == entry.checksum
 
 
 def _check_optimizer(optimizer: torch.optim.Optimizer, state: Any, where: str, report: LoadReport) -> None:
