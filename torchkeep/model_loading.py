@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -393,9 +394,29 @@ def _copy_all(
 
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="torchkeep-load") as pool:
             damaged.update(key for key in pool.map(run, jobs) if key is not None)
+    to_gpu = [(item, key) for item, key in staged if _streams_to_gpu(item, target[key])]
+    if to_gpu:
+        assert storage is not None
+        # Several tensors at once, each thread with its own pinned pieces and CUDA stream.
+        local = threading.local()
+
+        def send(pair: tuple[_Item, str]) -> str | None:
+            item, key = pair
+            if not hasattr(local, "staging"):
+                local.staging = _Staging()
+                local.stream = torch.cuda.Stream(target[key].device)
+            with torch.cuda.stream(local.stream):
+                ok = _copy_to_gpu(storage, item, target[key], local.staging, verify)
+            return None if ok else key
+
+        workers = min(8, os.cpu_count() or 1, len(to_gpu))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="torchkeep-load-gpu") as pool:
+            damaged.update(key for key in pool.map(send, to_gpu) if key is not None)
     staging = _Staging()
     with torch.no_grad():
         for item, key in staged:
+            if _streams_to_gpu(item, target[key]):
+                continue
             if not _copy_staged(storage, item, target[key], staging, verify):
                 damaged.add(key)
     return damaged
@@ -437,8 +458,6 @@ def _copy_staged(storage: Storage | None, item: _Item, dest: torch.Tensor, stagi
             return False
         dest.copy_(torch.frombuffer(data, dtype=torch.uint8).view(item.dtype).reshape(item.shape))
         return True
-    if dest.device.type == "cuda" and dest.dtype == item.dtype and dest.is_contiguous():
-        return _copy_to_gpu(storage, item, dest, staging, verify)
     buffer = staging.take(entry.nbytes, pinned=dest.device.type == "cuda")
     view = _bytes_of(buffer)
     storage.read_into(item.shard_key, item.offset, view)
@@ -446,6 +465,17 @@ def _copy_staged(storage: Storage | None, item: _Item, dest: torch.Tensor, stagi
         return False  # dest keeps its value
     dest.copy_(buffer.view(item.dtype).reshape(item.shape))
     return True
+
+
+def _streams_to_gpu(item: _Item, dest: torch.Tensor) -> bool:
+    """Whether the tensor goes to a GPU tensor of its own dtype, in pieces through pinned buffers."""
+    return (
+        item.entry is not None
+        and not item.compressed
+        and dest.device.type == "cuda"
+        and dest.dtype == item.dtype
+        and dest.is_contiguous()
+    )
 
 
 def _copy_to_gpu(storage: Storage, item: _Item, dest: torch.Tensor, staging: _Staging, verify: bool) -> bool:
@@ -458,7 +488,7 @@ def _copy_to_gpu(storage: Storage, item: _Item, dest: torch.Tensor, staging: _St
     assert entry is not None
     target = dest.detach().reshape(-1).view(torch.uint8)
     buffers = staging.pieces()
-    stream = torch.cuda.current_stream(dest.device)
+    stream = torch.cuda.current_stream(dest.device)  # the thread's own stream (see _copy_all)
     events = [torch.cuda.Event(), torch.cuda.Event()]
     digest = new_checksum()
     for index, start in enumerate(range(0, entry.nbytes, _GPU_PIECE)):
