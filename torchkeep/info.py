@@ -28,8 +28,10 @@ class TensorInfo:
         shape: its shape.
         nbytes: its size in bytes.
         device: the device it was saved from.
-        shard: the data file holding it (None for torch files).
+        shard: the data file holding it (None for torch files); ``../objects/...``
+            for a tensor shared with other checkpoints of a manager directory.
         checksum: its xxh3-64 checksum, or None where the format carries none.
+        shared: whether it lives in the manager directory's object folder, shared by content.
     """
 
     name: str
@@ -40,6 +42,7 @@ class TensorInfo:
     device: str = "cpu"
     shard: str | None = None
     checksum: str | None = None
+    shared: bool = False
 
 
 @dataclass(frozen=True)
@@ -83,7 +86,8 @@ class CheckpointInfo:
         lines.append(f"{'name':<{width}}  {'dtype':<14} {'shape':<20} {'size':>10}")
         for t in self.tensors:
             shape = "[" + ", ".join(map(str, t.shape)) + "]"
-            lines.append(f"{t.name:<{width}}  {t.dtype:<14} {shape:<20} {_human(t.nbytes):>10}")
+            mark = "  shared" if t.shared else ""
+            lines.append(f"{t.name:<{width}}  {t.dtype:<14} {shape:<20} {_human(t.nbytes):>10}{mark}")
         return "\n".join(lines)
 
 

@@ -178,7 +178,8 @@ def inspect(path: str | os.PathLike[str], *, storage: Storage | None = None) -> 
     infos = {
         e.name: TensorInfo(
             name=e.name, kind=e.kind, dtype=e.dtype, shape=e.shape, nbytes=e.nbytes,
-            device=e.device, shard=e.shard or None, checksum=e.checksum or None,
+            device=e.device, shard=f"../objects/{e.shard}" if e.shard in opened.shared else (e.shard or None),
+            checksum=e.checksum or None, shared=e.shard in opened.shared,
         )
         for e in manifest.tensors
     }  # fmt: skip

@@ -34,6 +34,7 @@ from torchkeep.errors import (
     TorchkeepError,
 )
 from torchkeep.formats.native import read_manifest
+from torchkeep.formats.objects import OBJECTS, is_object_name
 from torchkeep.loading import load
 from torchkeep.locking import FolderLock
 from torchkeep.manifest import Manifest
@@ -125,7 +126,13 @@ class CheckpointManager:
             (pinned for GPU tensors) and writes, commits and applies retention in a
             background thread; see :meth:`save`.
         compression: compress every checkpoint (``"zstd"``, ``"zstd:LEVEL"`` or a
-            :class:`Compression`); see :func:`torchkeep.save`.
+            :class:`Compression`); see :func:`torchkeep.save`. Tensors kept in the
+            object folder by ``incremental`` stay uncompressed.
+        incremental: store tensors of 64 KiB and more once, by content, in the
+            directory's ``objects`` folder: a checkpoint whose frozen or unchanged
+            tensors are already stored refers to them instead of writing them again.
+            Every checkpoint still loads and verifies on its own; an object is
+            deleted only once no committed checkpoint refers to it.
         max_staging_bytes: a bound on the staging buffer. A state larger than this is
             saved synchronously instead, tensor by tensor from where it lives, with a warning.
         install_signal_handler: True (SIGTERM and SIGUSR1) or a list of signals. On one,
@@ -161,6 +168,7 @@ class CheckpointManager:
         async_save: bool = False,
         max_staging_bytes: int | None = None,
         compression: str | Compression | None = None,
+        incremental: bool = False,
         install_signal_handler: bool | Sequence[int] = False,
         storage: Storage | None = None,
     ) -> None:
@@ -191,6 +199,7 @@ class CheckpointManager:
         self.async_save = async_save
         self.max_staging_bytes = max_staging_bytes
         self.compression = Compression.parse(compression)
+        self.incremental = incremental
         self._staging = StagingBuffer()
         self._executor: ThreadPoolExecutor | None = None
         self._inflight: SaveHandle | None = None
@@ -324,6 +333,8 @@ class CheckpointManager:
             compression=self.compression,
             storage=self._storage,
         )
+        if self.incremental:
+            job.objects = self._objects_key()
         self._last_save = time.monotonic()
         wants_async = self.async_save if async_save is None else async_save
         size = sum(p.nbytes for p in job.planned)
@@ -353,6 +364,7 @@ class CheckpointManager:
         """Write, commit and apply retention: the stages after the snapshot, on either path."""
         write_job(job)
         self._apply_retention(just_saved=step)
+        self._sweep_objects()
         return self._record(job.key, read_manifest(self._storage, job.key))
 
     def _exit_if_preempted(self) -> None:
@@ -365,6 +377,36 @@ class CheckpointManager:
         protect = frozenset({just_saved})  # even when older steps than the newest are saved again
         for step in steps_to_delete(records, self.policy, monitor=self.monitor, mode=self.mode, protect=protect):
             self._storage.delete(self._key(step))  # an atomic rename first: never half-deleted and listed
+
+    def _objects_key(self) -> str:
+        return f"{self._prefix}/{OBJECTS}" if self._prefix else OBJECTS
+
+    def _sweep_objects(self) -> None:
+        """Delete objects no committed checkpoint refers to (left by deletions or by a crash mid-save)."""
+        folder = self._objects_key()
+        stored = [n for n in self._storage.list(folder) if is_object_name(n)]
+        if not stored:
+            return
+        referenced: set[str] = set()
+        for name in self._storage.list(self._prefix):
+            if not _NAME.match(name):
+                continue
+            key = f"{self._prefix}/{name}" if self._prefix else name
+            try:
+                manifest = read_manifest(self._storage, key)
+            except CheckpointNotFoundError:
+                continue  # never committed: it refers to nothing
+            except TorchkeepError as err:
+                warnings.warn(
+                    f"Not removing unused objects: checkpoint {name} cannot be read ({err}).",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                return  # what it refers to is unknown, so everything stays
+            referenced.update(s.file for s in manifest.shards if s.shared)
+        for name in stored:
+            if name not in referenced:
+                self._storage.delete(f"{folder}/{name}")
 
     # -- listing --------------------------------------------------------------------------
 

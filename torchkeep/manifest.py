@@ -79,17 +79,22 @@ class ShardEntry:
     """One data file of the checkpoint.
 
     ``compression`` is None for a safetensors shard, or ``"zstd"`` for a shard of
-    independent zstd frames, one per tensor (format version 2).
+    independent zstd frames, one per tensor (format version 2). ``shared`` marks
+    a one-tensor shard in the manager directory's content-addressed ``objects``
+    folder, beside the checkpoint rather than inside it (format version 2).
     """
 
     file: str
     size: int
     compression: str | None = None
+    shared: bool = False
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"file": self.file, "size": self.size}
         if self.compression is not None:
             out["compression"] = self.compression
+        if self.shared:
+            out["shared"] = True
         return out
 
 
@@ -232,7 +237,10 @@ def _shard_entry(s: dict[str, Any], path: str | None) -> ShardEntry:
         raise UnsupportedFormatError(
             f"{path!r} has a shard compressed with {compression!r}, which this torchkeep cannot read.", path=path
         )
-    return ShardEntry(file=_str(s["file"]), size=_int(s["size"]), compression=compression)
+    shared = s.get("shared", False)
+    if shared is not True and shared is not False:
+        raise TypeError(f"shard {s.get('file')!r} has a non-boolean 'shared'")
+    return ShardEntry(file=_str(s["file"]), size=_int(s["size"]), compression=compression, shared=shared)
 
 
 def _tensor_entry(t: dict[str, Any]) -> TensorEntry:

@@ -72,6 +72,7 @@ class SaveJob:
     metadata: dict[str, Any]
     max_shard_size: int
     compression: Compression | None = None
+    objects: str | None = None  # a manager's object folder: share unchanged tensors (incremental)
 
 
 def prepare_save(
@@ -114,7 +115,7 @@ def write_job(job: SaveJob) -> None:
     else:
         write_native(
             job.storage, job.key, job.tree, job.planned, job.metadata,
-            max_shard_size=job.max_shard_size, compression=job.compression,
+            max_shard_size=job.max_shard_size, compression=job.compression, objects=job.objects,
         )  # fmt: skip
 
 

@@ -7,6 +7,7 @@ from typing import Any
 from torchkeep.compression import Compression
 from torchkeep.errors import CheckpointNotFoundError, CorruptCheckpointError
 from torchkeep.formats.compressed import write_compressed_shard
+from torchkeep.formats.objects import OBJECTS, is_object_name, store_object
 from torchkeep.formats.shard import PlannedTensor, tree_order, write_shard
 from torchkeep.formats.tensors import OpenedCheckpoint
 from torchkeep.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, ShardEntry, TensorEntry
@@ -16,6 +17,9 @@ __all__ = ["DEFAULT_MAX_SHARD_SIZE", "open_native", "read_manifest", "write_nati
 
 #: Shards are cut at this many bytes of tensor data (one tensor never spans two).
 DEFAULT_MAX_SHARD_SIZE = 4 * 1024**3
+#: In an incremental checkpoint, tensors this large are shared by content; smaller
+#: ones (biases, norms, steps) are cheaper to rewrite than to keep as separate files.
+SHARE_MIN_BYTES = 64 * 1024
 
 
 def _split(planned: list[PlannedTensor], max_shard_size: int) -> list[list[PlannedTensor]]:
@@ -39,17 +43,32 @@ def write_native(
     *,
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
     compression: Compression | None = None,
+    objects: str | None = None,
 ) -> Manifest:
     """Write shards, then the manifest, then commit; on any failure nothing is published.
+
+    With ``objects`` (the key of a manager's object folder), every tensor of at
+    least :data:`SHARE_MIN_BYTES` is stored there by content instead, and only
+    written if those bytes are not there yet (an incremental checkpoint).
 
     Returns:
         The manifest that was committed.
     """
+    entries: list[TensorEntry] = []
+    shards: list[ShardEntry] = []
+    if objects is not None:
+        # Objects first: the checkpoint that refers to them is committed only after they are durable.
+        for p in [p for p in planned if p.nbytes >= SHARE_MIN_BYTES]:
+            entry, shard, _ = store_object(storage, objects, p)
+            entries.append(entry)
+            if shard.file not in {s.file for s in shards}:
+                shards.append(shard)
+        planned_here = [p for p in planned if p.nbytes < SHARE_MIN_BYTES]
+    else:
+        planned_here = planned
     txn = storage.begin(key, directory=True)
     try:
-        entries: list[TensorEntry] = []
-        shards: list[ShardEntry] = []
-        for index, group in enumerate(_split(planned, max_shard_size)):
+        for index, group in enumerate(_split(planned_here, max_shard_size)):
             if compression is None:
                 name = f"data-{index:05d}.safetensors"
                 with txn.open(name) as f:
@@ -67,7 +86,7 @@ def write_native(
             tensors=tree_order(entries, planned),
             shards=tuple(shards),
             metadata=metadata,
-            format_version=1 if compression is None else 2,
+            format_version=1 if compression is None and objects is None else 2,
         )
         with txn.open(MANIFEST_NAME) as f:
             f.write(manifest.to_bytes())
@@ -113,13 +132,22 @@ def open_native(storage: Storage, key: str) -> OpenedCheckpoint:
     path = storage.describe(key)
     manifest = read_manifest(storage, key)
     shard_keys = {}
+    parent = key.rsplit("/", 1)[0] if "/" in key else ""
     for shard in manifest.shards:
+        if shard.shared and not is_object_name(shard.file):
+            raise CorruptCheckpointError(
+                f"The manifest of {path!r} names shared shard {shard.file!r}, which is not an object name.",
+                path=path,
+            )
         if "/" in shard.file or shard.file in ("", ".", "..", MANIFEST_NAME) or "\x00" in shard.file:
             raise CorruptCheckpointError(
                 f"The manifest of {path!r} names shard {shard.file!r}, which is not a file inside the checkpoint.",
                 path=path,
             )
-        shard_key = f"{key}/{shard.file}"
+        if shard.shared:
+            shard_key = f"{parent}/{OBJECTS}/{shard.file}" if parent else f"{OBJECTS}/{shard.file}"
+        else:
+            shard_key = f"{key}/{shard.file}"
         if not storage.exists(shard_key):
             raise CorruptCheckpointError(
                 f"Shard {shard.file!r} of {path!r} is missing; the checkpoint is incomplete.", path=path
@@ -133,6 +161,7 @@ def open_native(storage: Storage, key: str) -> OpenedCheckpoint:
             )
         shard_keys[shard.file] = shard_key
     compressed = frozenset(s.file for s in manifest.shards if s.compression)
+    shared = frozenset(s.file for s in manifest.shards if s.shared)
     return OpenedCheckpoint(
-        format="torchkeep", path=path, manifest=manifest, shard_keys=shard_keys, compressed=compressed
+        format="torchkeep", path=path, manifest=manifest, shard_keys=shard_keys, compressed=compressed, shared=shared
     )

@@ -11,6 +11,7 @@ import torch
 
 from torchkeep.errors import ChecksumMismatchError, CorruptCheckpointError
 from torchkeep.formats.compressed import read_compressed
+from torchkeep.formats.objects import OBJECT_TENSOR
 from torchkeep.formats.shard import ShardHeader, materialize, read_header
 from torchkeep.integrity import checksum
 from torchkeep.manifest import Manifest, TensorEntry
@@ -32,6 +33,7 @@ class OpenedCheckpoint:
     manifest: Manifest
     shard_keys: dict[str, str]
     compressed: frozenset[str] = frozenset()  # shards of zstd frames rather than safetensors
+    shared: frozenset[str] = frozenset()  # one-tensor shards in the manager's object folder
 
 
 def read_arrays(
@@ -77,7 +79,7 @@ def read_arrays(
             headers[key] = read_header(storage, key)
             buffers[key] = storage.map(key)
         header = headers[key]
-        stored = header.tensors.get(entry.name)
+        stored = header.tensors.get(OBJECT_TENSOR if entry.shard in opened.shared else entry.name)
         if stored is None or list(stored["data_offsets"]) != list(entry.offsets):
             raise CorruptCheckpointError(
                 f"Tensor {entry.name!r} is described differently by the manifest and by shard "

@@ -1,0 +1,64 @@
+"""The content-addressed object folder that lets a manager's checkpoints share unchanged tensors.
+
+``DIR/objects/<xxh3-128 of the bytes>.safetensors`` holds one tensor (named
+``data``) as a safetensors file. A checkpoint written incrementally refers to
+an object instead of writing the tensor again when the same bytes are already
+stored. Objects are immutable (the name is the content) and written
+atomically; the manager deletes an object only when no committed checkpoint
+refers to it, after each commit (mark and sweep), so a crash at any point
+leaves at worst unreferenced objects, removed by the next sweep.
+"""
+
+from __future__ import annotations
+
+import re
+
+import xxhash
+
+from torchkeep.formats.shard import PlannedTensor, leaf_bytes, write_shard
+from torchkeep.integrity import checksum
+from torchkeep.manifest import ShardEntry, TensorEntry
+from torchkeep.storage import Storage
+from torchkeep.tree import ArrayLeaf
+
+__all__ = ["OBJECTS", "OBJECT_TENSOR", "is_object_name", "store_object"]
+
+OBJECTS = "objects"
+OBJECT_TENSOR = "data"
+_OBJECT_NAME = re.compile(r"^[0-9a-f]{32}\.safetensors$")
+
+
+def is_object_name(name: str) -> bool:
+    """Whether ``name`` is a well-formed object file name (no path can hide in it)."""
+    return bool(_OBJECT_NAME.match(name))
+
+
+def store_object(storage: Storage, folder: str, planned: PlannedTensor) -> tuple[TensorEntry, ShardEntry, bool]:
+    """Store one tensor in the object folder unless its bytes are there already.
+
+    Content identity is the 128-bit xxh3 hash of the bytes, never the short
+    integrity checksum. Returns the manifest entries and whether bytes were written.
+    """
+    data = leaf_bytes(planned.leaf.value)
+    name = f"{xxhash.xxh3_128_hexdigest(data)}.safetensors"
+    key = f"{folder}/{name}" if folder else name
+    written = False
+    if not storage.exists(key):
+        renamed = PlannedTensor(
+            ArrayLeaf(OBJECT_TENSOR, planned.leaf.value), planned.kind, planned.dtype, planned.shape,
+            planned.nbytes, planned.code, planned.raw, planned.align, planned.device,
+        )  # fmt: skip
+        txn = storage.begin(key, directory=False)
+        try:
+            with txn.open() as f:
+                write_shard(f, [renamed], name, {"format": "pt"})
+            txn.commit()
+        except BaseException:
+            txn.abort()
+            raise
+        written = True
+    entry = TensorEntry(
+        name=planned.name, kind=planned.kind, dtype=planned.dtype, shape=planned.shape, nbytes=planned.nbytes,
+        shard=name, offsets=(0, planned.nbytes), checksum=checksum(data), device=planned.device,
+    )  # fmt: skip
+    return entry, ShardEntry(file=name, size=storage.size(key), shared=True), written
