@@ -378,6 +378,17 @@ class CheckpointManager:
         for step in steps_to_delete(records, self.policy, monitor=self.monitor, mode=self.mode, protect=protect):
             self._storage.delete(self._key(step))  # an atomic rename first: never half-deleted and listed
 
+    def delete(self, step: int) -> None:
+        """Delete the checkpoint of ``step`` now, and any stored objects only it referred to."""
+        if self._lock is None:
+            raise InvalidArgumentError("This CheckpointManager is closed.")
+        self.wait()
+        key = self._key(step)
+        if not self._storage.exists(key):
+            raise CheckpointNotFoundError(f"{self.directory!r} has no checkpoint of step {step}.", path=self.directory)
+        self._storage.delete(key)
+        self._sweep_objects()
+
     def _objects_key(self) -> str:
         return f"{self._prefix}/{OBJECTS}" if self._prefix else OBJECTS
 
