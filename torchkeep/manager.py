@@ -365,7 +365,7 @@ class CheckpointManager:
         write_job(job)
         self._apply_retention(just_saved=step)
         self._sweep_objects()
-        return self._record(job.key, read_manifest(self._storage, job.key))
+        return _record(self._storage, job.key, read_manifest(self._storage, job.key))
 
     def _exit_if_preempted(self) -> None:
         if self._preempted is not None:
@@ -421,40 +421,12 @@ class CheckpointManager:
 
     # -- listing --------------------------------------------------------------------------
 
-    def _record(self, key: str, manifest: Manifest) -> CheckpointRecord:
-        meta = manifest.metadata
-        user = meta.get("metadata")
-        try:
-            created = datetime.datetime.fromisoformat(manifest.created.replace("Z", "+00:00")).timestamp()
-        except ValueError:
-            created = 0.0
-        return CheckpointRecord(
-            step=int(meta.get("step", -1)),
-            path=self._storage.describe(key),
-            metrics=_read_metrics(meta.get("metrics")),
-            metadata=user if isinstance(user, dict) else {},
-            created=created,
-            size=sum(s.size for s in manifest.shards),
-        )
-
     def list(self) -> list[CheckpointRecord]:
         """Every committed checkpoint, ordered by step (never by file time or name).
 
         A checkpoint whose manifest cannot be read is left out with a warning.
         """
-        records = []
-        for name in self._storage.list(self._prefix):
-            match = _NAME.match(name)
-            if not match:
-                continue
-            key = f"{self._prefix}/{name}" if self._prefix else name
-            try:
-                record = self._record(key, read_manifest(self._storage, key))
-            except TorchkeepError as err:
-                warnings.warn(f"Skipping checkpoint {name}: {err}", RuntimeWarning, stacklevel=2)
-                continue
-            records.append(record if record.step == int(match.group(1)) else _with_step(record, int(match.group(1))))
-        return sorted(records, key=lambda r: r.step)
+        return read_records(self._storage, self._prefix)
 
     def latest(self) -> CheckpointRecord | None:
         """The checkpoint with the highest step, or None."""
@@ -565,3 +537,41 @@ def _is_stateful(obj: Any) -> bool:
 
 def _with_step(record: CheckpointRecord, step: int) -> CheckpointRecord:
     return CheckpointRecord(step, record.path, record.metrics, record.metadata, record.created, record.size)
+
+
+def _record(storage: Storage, key: str, manifest: Manifest) -> CheckpointRecord:
+    meta = manifest.metadata
+    user = meta.get("metadata")
+    try:
+        created = datetime.datetime.fromisoformat(manifest.created.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        created = 0.0
+    return CheckpointRecord(
+        step=int(meta.get("step", -1)),
+        path=storage.describe(key),
+        metrics=_read_metrics(meta.get("metrics")),
+        metadata=user if isinstance(user, dict) else {},
+        created=created,
+        size=sum(s.size for s in manifest.shards),
+    )
+
+
+def read_records(storage: Storage, prefix: str, *, warn: bool = True) -> list[CheckpointRecord]:
+    """The committed checkpoints of a manager directory by step, read without taking its lock.
+
+    A checkpoint whose manifest cannot be read is left out (with a warning when ``warn``).
+    """
+    records = []
+    for name in storage.list(prefix):
+        match = _NAME.match(name)
+        if not match:
+            continue
+        key = f"{prefix}/{name}" if prefix else name
+        try:
+            record = _record(storage, key, read_manifest(storage, key))
+        except TorchkeepError as err:
+            if warn:
+                warnings.warn(f"Skipping checkpoint {name}: {err}", RuntimeWarning, stacklevel=3)
+            continue
+        records.append(record if record.step == int(match.group(1)) else _with_step(record, int(match.group(1))))
+    return sorted(records, key=lambda r: r.step)

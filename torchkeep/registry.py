@@ -26,9 +26,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import nn
 
+from torchkeep.compare import compare_tensors, flatten_tensors
 from torchkeep.errors import (
     CheckpointNotFoundError,
     InvalidArgumentError,
@@ -38,7 +38,7 @@ from torchkeep.formats.native import read_manifest
 from torchkeep.loading import load, verify
 from torchkeep.locking import FolderLock
 from torchkeep.manifest import check_metadata
-from torchkeep.model_loading import _flatten, load_into
+from torchkeep.model_loading import load_into
 from torchkeep.report import LoadReport
 from torchkeep.retention import CheckpointRecord
 from torchkeep.saving import save
@@ -456,24 +456,13 @@ class Registry:
     def diff(self, name: str, a: int | str, b: int | str) -> VersionDiff:
         """Compare two versions' tensors: added and removed keys, shape changes, max absolute difference."""
         va, vb = self.get(name, a), self.get(name, b)
-        ta = {k: v for k, v in _flatten(self.load(name, va.version)).items() if isinstance(v, torch.Tensor)}
-        tb = {k: v for k, v in _flatten(self.load(name, vb.version)).items() if isinstance(v, torch.Tensor)}
-        shape_changed = [
-            (k, tuple(ta[k].shape), tuple(tb[k].shape)) for k in ta if k in tb and ta[k].shape != tb[k].shape
-        ]
-        diffs = {}
-        for k in ta:
-            if k in tb and ta[k].shape == tb[k].shape:
-                x, y = ta[k], tb[k]
-                if x.is_floating_point() or y.is_floating_point() or x.is_complex():
-                    d = (x.double() - y.double()).abs().max().item() if x.numel() else 0.0
-                else:
-                    d = (x.long() - y.long()).abs().max().item() if x.numel() else 0
-                diffs[k] = float(d)
+        added, removed, changes = compare_tensors(
+            flatten_tensors(self.load(name, va.version)), flatten_tensors(self.load(name, vb.version))
+        )
         return VersionDiff(
-            name=name, a=va.version, b=vb.version,
-            added=[k for k in tb if k not in ta], removed=[k for k in ta if k not in tb],
-            shape_changed=shape_changed, max_abs_diff=diffs,
+            name=name, a=va.version, b=vb.version, added=added, removed=removed,
+            shape_changed=[(c.key, c.shape_a, c.shape_b) for c in changes if c.max_abs is None],
+            max_abs_diff={c.key: c.max_abs for c in changes if c.max_abs is not None},
         )  # fmt: skip
 
 

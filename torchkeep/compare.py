@@ -1,0 +1,65 @@
+"""Comparing the tensors of two state trees: what the registry's diff and the CLI's diff report."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = ["TensorChange", "compare_tensors", "flatten_tensors"]
+
+
+def flatten_tensors(tree: Any, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor in a tree by its dotted path (``model.0.weight``)."""
+    if isinstance(tree, torch.Tensor):
+        return {prefix.rstrip(".") or "tensor": tree}
+    if isinstance(tree, dict):
+        items = tree.items()
+    elif isinstance(tree, (list, tuple)) and not isinstance(tree, torch.Size):
+        items = enumerate(tree)  # type: ignore[assignment]
+    else:
+        return {}
+    out: dict[str, torch.Tensor] = {}
+    for k, v in items:
+        out.update(flatten_tensors(v, f"{prefix}{k}."))
+    return out
+
+
+@dataclass(frozen=True)
+class TensorChange:
+    """How one tensor present on both sides differs."""
+
+    key: str
+    shape_a: tuple[int, ...]
+    shape_b: tuple[int, ...]
+    dtype_a: str
+    dtype_b: str
+    max_abs: float | None  # None when the shapes differ
+    max_rel: float | None  # max |a-b| over max |a|, None when undefined
+
+
+def compare_tensors(
+    a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]
+) -> tuple[list[str], list[str], list[TensorChange]]:
+    """Keys only in ``b`` (added), only in ``a`` (removed), and a change record for every shared key."""
+    changes = []
+    for key in a:
+        if key not in b:
+            continue
+        x, y = a[key], b[key]
+        max_abs = max_rel = None
+        if x.shape == y.shape:
+            if x.numel() == 0:
+                max_abs, max_rel = 0.0, 0.0
+            else:
+                xd = x.detach().cpu().to(torch.complex128 if x.is_complex() or y.is_complex() else torch.float64)
+                yd = y.detach().cpu().to(xd.dtype)
+                max_abs = float((xd - yd).abs().max())
+                scale = float(xd.abs().max())
+                max_rel = max_abs / scale if scale else (0.0 if max_abs == 0 else float("inf"))
+        changes.append(
+            TensorChange(key, tuple(x.shape), tuple(y.shape), str(x.dtype).removeprefix("torch."),
+                         str(y.dtype).removeprefix("torch."), max_abs, max_rel)
+        )  # fmt: skip
+    return [k for k in b if k not in a], [k for k in a if k not in b], changes
