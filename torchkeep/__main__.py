@@ -1,0 +1,7 @@
+"""``python -m torchkeep``: the torchkeep command."""
+
+import sys
+
+from torchkeep.cli import main
+
+sys.exit(main())

@@ -1,0 +1,481 @@
+"""The ``torchkeep`` command: a thin layer over the public API.
+
+Every command prints readable tables, or JSON with ``--json``; an error is one
+line on stderr and a non-zero exit status (``--debug`` shows the traceback).
+Needs the ``cli`` extra (click, rich); ``plot`` also needs matplotlib.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+import torchkeep
+from torchkeep.compare import compare_tensors, flatten_tensors
+from torchkeep.errors import TorchkeepError
+from torchkeep.formats.native import open_native
+from torchkeep.info import TensorInfo
+from torchkeep.manager import read_records
+from torchkeep.retention import KeepBest, KeepLast, best_record, steps_to_delete
+from torchkeep.scan import scan_file
+from torchkeep.storage import resolve
+
+__all__ = ["main"]
+
+
+def _out() -> Console:
+    return Console(soft_wrap=True, highlight=False)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, TensorInfo):
+        return {"tensor": value.name, "dtype": value.dtype, "shape": list(value.shape)}
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)
+
+
+def _emit(data: Any) -> None:
+    click.echo(json.dumps(_jsonable(data), indent=1))
+
+
+@click.group()
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Look inside, check, compare, convert and manage torchkeep checkpoints."""
+    ctx.obj = {"debug": debug}
+
+
+@cli.command()
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def inspect(path: str, as_json: bool) -> None:
+    """Format, tree, tensors, totals, metadata and provenance, without reading tensor data."""
+    info = torchkeep.inspect(path)
+    if as_json:
+        _emit({
+            "path": info.path, "format": info.format, "format_version": info.format_version,
+            "created": info.created, "metadata": info.metadata, "provenance": info.provenance,
+            "nbytes": info.nbytes, "tree": info.tree,
+            "tensors": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "nbytes": t.nbytes,
+                         "device": t.device, "shard": t.shard, "checksum": t.checksum, "shared": t.shared}
+                        for t in info.tensors],
+        })  # fmt: skip
+        return
+    out = _out()
+    version = f" v{info.format_version}" if info.format_version else ""
+    out.print(f"[bold]{info.path}[/bold]  {info.format}{version}, {len(info.tensors)} tensors, {_human(info.nbytes)}")
+    for label, value in (("created", info.created), ("provenance", info.provenance), ("metadata", info.metadata)):
+        if value:
+            out.print(f"{label}: {value}")
+    table = Table("name", "dtype", "shape", "size", "device", "")
+    for t in info.tensors:
+        table.add_row(t.name, t.dtype, str(list(t.shape)), _human(t.nbytes), t.device, "shared" if t.shared else "")
+    out.print(table)
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def verify(paths: Sequence[str], as_json: bool) -> None:
+    """Re-read every byte and check it; exit status 0 only when everything verifies."""
+    results: list[dict[str, Any]] = []
+    out = _out()
+    with out.status("verifying") as status:
+        for path in paths:
+            status.update(f"verifying {path}")
+            try:
+                report = torchkeep.verify(path)
+                results.append({"path": path, "ok": True, "tensors": report.tensors, "nbytes": report.nbytes,
+                                "method": report.method})  # fmt: skip
+            except TorchkeepError as err:
+                results.append({"path": path, "ok": False, "error": str(err), "error_type": type(err).__name__,
+                                "damaged": getattr(err, "damaged", [])})  # fmt: skip
+    if as_json:
+        _emit(results)
+    else:
+        for r in results:
+            if r["ok"]:
+                out.print(
+                    f"[green]OK[/green]   {r['path']}: {r['tensors']} tensors, {_human(r['nbytes'])} ({r['method']})"
+                )
+            else:
+                out.print(f"[red]FAIL[/red] {r['path']}: {r['error']}")
+    if not all(r["ok"] for r in results):
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("a")
+@click.argument("b")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def diff(a: str, b: str, as_json: bool) -> None:
+    """Added and removed keys, shape and dtype changes, max absolute and relative differences, metadata."""
+    added, removed, changes = compare_tensors(flatten_tensors(torchkeep.load(a)), flatten_tensors(torchkeep.load(b)))
+    meta_a, meta_b = torchkeep.inspect(a).metadata, torchkeep.inspect(b).metadata
+    metadata = {
+        k: [meta_a.get(k), meta_b.get(k)] for k in sorted(set(meta_a) | set(meta_b)) if meta_a.get(k) != meta_b.get(k)
+    }
+    if as_json:
+        _emit({"added": added, "removed": removed, "metadata": metadata,
+               "changes": [c.__dict__ for c in changes]})  # fmt: skip
+        return
+    out = _out()
+    for key in added:
+        out.print(f"[green]+ {key}[/green]")
+    for key in removed:
+        out.print(f"[red]- {key}[/red]")
+    table = Table("key", "shape", "dtype", "max |a-b|", "max rel")
+    same = 0
+    for c in changes:
+        if c.max_abs == 0 and c.dtype_a == c.dtype_b:
+            same += 1
+            continue
+        shape = str(list(c.shape_a)) if c.shape_a == c.shape_b else f"{list(c.shape_a)} -> {list(c.shape_b)}"
+        dtype = c.dtype_a if c.dtype_a == c.dtype_b else f"{c.dtype_a} -> {c.dtype_b}"
+        table.add_row(c.key, shape, dtype, "-" if c.max_abs is None else f"{c.max_abs:.3g}",
+                      "-" if c.max_rel is None else f"{c.max_rel:.3g}")  # fmt: skip
+    if table.row_count:
+        out.print(table)
+    out.print(f"{same} tensor(s) identical")
+    for key, (va, vb) in metadata.items():
+        out.print(f"metadata {key}: {va!r} -> {vb!r}")
+
+
+_DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
+           "bfloat16": "bfloat16", "bf16": "bfloat16", "float64": "float64"}  # fmt: skip
+
+
+@cli.command()
+@click.argument("src")
+@click.argument("dst")
+@click.option("--dtype", type=click.Choice(sorted(_DTYPES)), default=None, help="Cast floating-point tensors.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def convert(src: str, dst: str, dtype: str | None, as_json: bool) -> None:
+    """Convert between native, .safetensors and .pth (sharded safetensors are read); the format follows DST."""
+    import torch
+
+    start = time.perf_counter()
+    tree = torchkeep.load(src, dtype=getattr(torch, _DTYPES[dtype]) if dtype else None)
+    torchkeep.save(tree, dst)
+    info = torchkeep.inspect(dst)
+    result = {"src": src, "dst": dst, "format": info.format, "tensors": len(info.tensors), "nbytes": info.nbytes,
+              "seconds": time.perf_counter() - start}  # fmt: skip
+    if as_json:
+        _emit(result)
+    else:
+        _out().print(f"{src} -> {dst} ({info.format}): {len(info.tensors)} tensors, {_human(info.nbytes)}")
+
+
+def _policies(keep_last: int | None, keep_best: int | None, monitor: str | None, mode: str) -> dict[str, Any]:
+    policies: dict[str, Any] = {}
+    if keep_last:
+        policies[f"last {keep_last}"] = KeepLast(keep_last)
+    if keep_best:
+        if not monitor:
+            raise click.UsageError("--keep-best needs --monitor")
+        policies[f"best {keep_best}"] = KeepBest(keep_best, monitor, mode)  # type: ignore[arg-type]
+    return policies
+
+
+def _retention_options(f: Any) -> Any:
+    for option in reversed([
+        click.option("--keep-last", type=int, default=None, help="Keep the newest N."),
+        click.option("--keep-best", type=int, default=None, help="Keep the best K by --monitor."),
+        click.option("--monitor", default=None, help="The metric that ranks checkpoints."),
+        click.option("--mode", type=click.Choice(["min", "max"]), default="min"),
+    ]):  # fmt: skip
+        f = option(f)
+    return f
+
+
+@cli.command(name="ls")
+@click.argument("directory")
+@_retention_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def ls(directory: str, keep_last: int | None, keep_best: int | None, monitor: str | None, mode: str,
+       as_json: bool) -> None:  # fmt: skip
+    """A manager directory's checkpoints: step, time, size, metrics, best, what keeps each, damage."""
+    storage, prefix = resolve(directory)
+    prefix = f"{prefix}" if prefix else ""
+    records = read_records(storage, prefix, warn=False)
+    policies = _policies(keep_last, keep_best, monitor, mode)
+    kept_by = {name: policy.keep(records) for name, policy in policies.items()}
+    best = best_record(records, monitor, mode) if monitor else None
+    by_step = {r.step: r for r in records}
+    rows: list[dict[str, Any]] = []
+    for name in storage.list(prefix):
+        if not name.startswith("step-") or not name[5:].isdigit():
+            continue
+        step = int(name[5:])
+        key = f"{prefix}/{name}" if prefix else name
+        try:
+            open_native(storage, key)
+            state = "ok"
+        except torchkeep.CheckpointNotFoundError:
+            state = "incomplete"
+        except TorchkeepError as err:
+            state = f"damaged: {err}"
+        r = by_step.get(step)
+        row: dict[str, Any] = {
+            "step": step, "state": state, "path": storage.describe(key),
+            "created": r.created if r else None, "size": r.size if r else None,
+            "metrics": r.metrics if r else {}, "best": best is not None and best.step == step,
+            "kept_by": [label for label, steps in kept_by.items() if step in steps],
+        }  # fmt: skip
+        rows.append(row)
+    rows.sort(key=lambda row: row["step"])
+    if as_json:
+        _emit(rows)
+        return
+    metric_names = sorted({m for row in rows for m in row["metrics"]})
+    table = Table("step", "written", "size", *metric_names, "kept by" if policies else "", "")
+    for row in rows:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["created"])) if row["created"] else "-"
+        values = [f"{row['metrics'][m]:.4g}" if m in row["metrics"] else "-" for m in metric_names]
+        flag = "[bold]best[/bold]" if row["best"] else ""
+        if row["state"] != "ok":
+            flag = f"[red]{row['state']}[/red]"
+        table.add_row(str(row["step"]), when, _human(row["size"]) if row["size"] else "-", *values,
+                      ", ".join(row["kept_by"]), flag)  # fmt: skip
+    _out().print(table)
+
+
+@cli.command()
+@click.argument("directory")
+@_retention_options
+@click.option("--dry-run", is_flag=True, help="Show what would be deleted, delete nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def prune(directory: str, keep_last: int | None, keep_best: int | None, monitor: str | None, mode: str,
+          dry_run: bool, as_json: bool) -> None:  # fmt: skip
+    """Apply a retention policy after the fact (the newest and the best are always kept)."""
+    policies = _policies(keep_last, keep_best, monitor, mode)
+    if not policies:
+        raise click.UsageError("give --keep-last and/or --keep-best")
+    with torchkeep.CheckpointManager(directory, monitor=monitor, mode=mode) as mgr:  # type: ignore[arg-type]
+        records = mgr.list()
+        doomed = steps_to_delete(records, torchkeep.AnyOf(*policies.values()), monitor=monitor, mode=mode)
+        if not dry_run:
+            for step in doomed:
+                mgr.delete(step)
+    result = {
+        "deleted" if not dry_run else "would_delete": doomed,
+        "kept": [r.step for r in records if r.step not in doomed],
+    }
+    if as_json:
+        _emit(result)
+    else:
+        verb = "would delete" if dry_run else "deleted"
+        _out().print(f"{verb}: {doomed or 'nothing'}; kept: {result['kept']}")
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def scan(paths: Sequence[str], as_json: bool) -> None:
+    """Statically list what pickle-based files would import; exit 1 when anything unsafe is found."""
+    results = [scan_file(path) for path in paths]
+    if as_json:
+        _emit([{"path": r.path, "ok": r.ok, "pickles": r.pickles, "errors": r.errors,
+                "findings": [{"module": f.module, "name": f.name, "dangerous": f.dangerous} for f in r.findings]}
+               for r in results])  # fmt: skip
+    else:
+        out = _out()
+        for r in results:
+            if r.ok:
+                out.print(f"[green]clean[/green] {r.path}: {r.pickles} pickle(s), {len(r.globals)} safe global(s)")
+            for f in r.findings:
+                out.print(
+                    f"[red]{'DANGEROUS' if f.dangerous else 'unsafe'}[/red] {r.path}: imports {f.module}.{f.name}"
+                )
+            for e in r.errors:
+                out.print(f"[red]error[/red] {e}")
+    if not all(r.ok for r in results):
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("directory")
+@click.option("--out", "out_path", default=None, help="PNG to write (default: DIRECTORY/metrics.png).")
+@click.option("--monitor", default=None, help="The metric whose best checkpoint is marked.")
+@click.option("--mode", type=click.Choice(["min", "max"]), default="min")
+def plot(directory: str, out_path: str | None, monitor: str | None, mode: str) -> None:
+    """A PNG of the metrics across checkpoints, the best one marked (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise click.ClickException("plot needs matplotlib: pip install 'torchkeep[plot]'") from None
+    storage, prefix = resolve(directory)
+    records = read_records(storage, prefix, warn=False)
+    names = sorted({m for r in records for m in r.metrics})
+    if not names:
+        raise click.ClickException(f"{directory} has no checkpoints with metrics to plot")
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name in names:
+        points = [(r.step, r.metrics[name]) for r in records if name in r.metrics]
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+    best = best_record(records, monitor, mode) if monitor else None
+    if best is not None and monitor is not None:
+        ax.scatter(
+            [best.step], [best.metrics[monitor]], s=200, marker="*", color="gold", zorder=5, label=f"best {monitor}"
+        )
+    ax.set_xlabel("step")
+    ax.set_title(f"checkpoints in {directory}")
+    ax.legend()
+    target = out_path or os.path.join(directory, "metrics.png")
+    fig.savefig(target, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    _out().print(f"wrote {target}")
+
+
+@cli.group()
+def models() -> None:
+    """The model registry: list, show, alias, search."""
+
+
+@models.command(name="ls")
+@click.argument("root")
+@click.argument("name", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def models_ls(root: str, name: str | None, as_json: bool) -> None:
+    """Models (or one model's versions)."""
+    registry = torchkeep.Registry(root)
+    if name is None:
+        rows = [{"name": m, "versions": len(vs := registry.versions(m)),
+                 "latest": vs[-1].version, "aliases": {a: v.version for v in vs for a in v.aliases}}
+                for m in registry.models()]  # fmt: skip
+    else:
+        rows = [_version_row(v) for v in registry.versions(name)]
+    if as_json:
+        _emit(rows)
+        return
+    if not rows:
+        _out().print("no models" if name is None else f"{name}: no versions")
+        return
+    table = Table(*rows[0].keys())
+    for row in rows:
+        table.add_row(*(str(v) for v in row.values()))
+    _out().print(table)
+
+
+def _version_row(v: torchkeep.ModelVersion) -> dict[str, Any]:
+    return {
+        "name": v.name, "version": v.version, "created": v.created, "aliases": list(v.aliases),
+        "tags": list(v.tags), "metadata": v.metadata, "description": v.description, "lineage": v.lineage,
+    }  # fmt: skip
+
+
+@models.command(name="show")
+@click.argument("root")
+@click.argument("name")
+@click.argument("version", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def models_show(root: str, name: str, version: str | None, as_json: bool) -> None:
+    """One version (a number, an alias, or the latest)."""
+    v = torchkeep.Registry(root).get(name, int(version) if version and version.isdigit() else version)
+    row = _version_row(v)
+    if as_json:
+        _emit(row)
+    else:
+        for key, value in row.items():
+            _out().print(f"{key}: {value}")
+
+
+@models.command(name="alias")
+@click.argument("root")
+@click.argument("name")
+@click.argument("alias")
+@click.argument("version", type=int)
+def models_alias(root: str, name: str, alias: str, version: int) -> None:
+    """Point ALIAS at VERSION."""
+    torchkeep.Registry(root).set_alias(name, alias, version)
+    _out().print(f"{name}:{alias} -> v{version}")
+
+
+_OPS = (">=", "<=", "!=", "==", ">", "<", "=")
+
+
+def _condition(text: str) -> tuple[str, tuple[str, Any]]:
+    for op in _OPS:
+        if op in text:
+            field, _, raw = text.partition(op)
+            try:
+                value: Any = json.loads(raw)
+            except ValueError:
+                value = raw
+            return field.strip(), (op, value)
+    raise click.BadParameter(f"{text!r}: write FIELD OP VALUE, OP one of {' '.join(_OPS)}")
+
+
+@models.command(name="search")
+@click.argument("root")
+@click.argument("name", required=False)
+@click.option("--where", "conditions", multiple=True, help="FIELD OP VALUE, e.g. 'accuracy>=0.9'.")
+@click.option("--order-by", default=None)
+@click.option("--ascending", is_flag=True)
+@click.option("--limit", type=int, default=None)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def models_search(root: str, name: str | None, conditions: Sequence[str], order_by: str | None, ascending: bool,
+                  limit: int | None, as_json: bool) -> None:  # fmt: skip
+    """Versions whose metadata match, ordered by a metadata field."""
+    where = dict(_condition(c) for c in conditions)
+    found = torchkeep.Registry(root).search(name, where=where, order_by=order_by, descending=not ascending, limit=limit)
+    rows = [_version_row(v) for v in found]
+    if as_json:
+        _emit(rows)
+        return
+    table = Table("name", "version", "aliases", "metadata")
+    for row in rows:
+        table.add_row(row["name"], str(row["version"]), ", ".join(row["aliases"]), json.dumps(row["metadata"]))
+    _out().print(table)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command; returns the exit status instead of raising (errors are one line on stderr)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    try:
+        cli.main(args=args, prog_name="torchkeep", standalone_mode=False)
+    except SystemExit as exc:
+        return int(exc.code or 0) if isinstance(exc.code, int) or exc.code is None else 1
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return 130
+    except click.ClickException as exc:
+        if debug:
+            raise
+        click.echo(f"error: {exc.format_message()}", err=True)
+        return exc.exit_code
+    except (TorchkeepError, OSError, ValueError) as exc:
+        if debug:
+            raise
+        click.echo(f"error: {exc}", err=True)
+        return 2
+    return 0
