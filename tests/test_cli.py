@@ -154,7 +154,7 @@ def test_models(capsys: Any, tmp_path: Path) -> None:
 
 
 def test_errors_are_one_line_and_non_zero(capsys: Any, tmp_path: Path) -> None:
-    code, out, err = run(capsys, "inspect", str(tmp_path / "missing"))
+    code, _, err = run(capsys, "inspect", str(tmp_path / "missing"))
     assert code == 2 and err.count("\n") == 1 and err.startswith("error: No checkpoint") and "Traceback" not in err
     with pytest.raises(torchkeep.CheckpointNotFoundError):
         main(["--debug", "inspect", str(tmp_path / "missing")])
