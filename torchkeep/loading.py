@@ -92,6 +92,7 @@ def load(
     map_location: MapLocation = None,
     dtype: torch.dtype | None = None,
     verify: bool = True,
+    trust: bool = False,
     storage: Storage | None = None,
 ) -> Any:
     """Load a checkpoint of any supported format and return its state tree.
@@ -111,6 +112,9 @@ def load(
             callable ``f(tensor, saved_device) -> tensor`` decides per tensor.
         dtype: cast floating-point tensors to this dtype; others are untouched.
         verify: check every tensor's checksum (default). ``False`` skips it.
+        trust: for a ``.pth`` holding pickled Python objects (a whole model saved
+            with ``torch.save(model)``), unpickle it fully, with a warning: only for
+            files you wrote yourself, since this runs any code they contain.
         storage: read from this storage, with ``path`` as the key.
 
     Raises:
@@ -124,7 +128,7 @@ def load(
     fmt = detect_format(st, key)
     if fmt in (TORCH_ZIP, TORCH_LEGACY):
         ml: Any = "cpu" if map_location is None else map_location
-        obj = load_pth(st, key, zip_format=fmt == TORCH_ZIP, map_location=ml)
+        obj = load_pth(st, key, zip_format=fmt == TORCH_ZIP, map_location=ml, trust=trust)
         return _cast_tree(obj, dtype) if dtype is not None else obj
     opened = _OPENERS[fmt](st, key)
     arrays, _ = read_arrays(st, opened, verify=verify)

@@ -211,12 +211,30 @@ class Manifest:
     @classmethod
     def from_bytes(cls, raw: bytes, *, path: str | None = None) -> Manifest:
         try:
-            data = json.loads(raw.decode("utf-8"))
+            data = strict_json(raw)
         except (UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise CorruptCheckpointError(
                 f"The manifest of {path!r} is not valid JSON ({exc}); the checkpoint is damaged.", path=path
             ) from exc
         return cls.from_json(data, path=path)
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def strict_json(raw: bytes) -> Any:
+    """Parse UTF-8 JSON, refusing duplicate keys (a reader must never pick one of two silently).
+
+    Raises:
+        UnicodeDecodeError, ValueError, RecursionError: the bytes are not such JSON.
+    """
+    return json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
 
 
 def _str(value: object) -> str:
@@ -244,6 +262,8 @@ def _shard_entry(s: dict[str, Any], path: str | None) -> ShardEntry:
 
 
 def _tensor_entry(t: dict[str, Any]) -> TensorEntry:
+    if "\x00" in _str(t["name"]):
+        raise ValueError(f"tensor name {t['name']!r} holds a NUL byte")
     begin, end = (_int(v) for v in t["offsets"])
     if end < begin:
         raise ValueError(f"tensor {t.get('name')!r} has offsets that run backwards")

@@ -138,17 +138,32 @@ def scan_bytes(data: bytes, path: str = "<bytes>") -> ScanResult:
             result.errors.append(f"{path}: not a readable zip archive ({exc})")
     else:
         _walk(data, path, result)
-    for module, name in sorted(result.globals):
-        if not _is_safe(module, name):
-            result.findings.append(ScanFinding(module, name, _dangerous(module, name), path))
+    _judge(result, path)
     return result
 
 
+def _judge(result: ScanResult, path: str) -> None:
+    for module, name in sorted(result.globals):
+        if not _is_safe(module, name):
+            result.findings.append(ScanFinding(module, name, _dangerous(module, name), path))
+
+
 def scan_file(path: str) -> ScanResult:
-    """Scan a file on disk; see :func:`scan_bytes`."""
+    """Scan a file on disk; see :func:`scan_bytes`. Of a torch zip only the pickles are read."""
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            if f.read(4) != b"PK\x03\x04":
+                f.seek(0)
+                return scan_bytes(f.read(), path)
     except FileNotFoundError:
         raise CheckpointNotFoundError(f"No file at {path!r}.", path=path) from None
-    return scan_bytes(data, path)
+    result = ScanResult(path=path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if info.filename.endswith(".pkl"):
+                    _walk(archive.read(info), f"{path}:{info.filename}", result)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        result.errors.append(f"{path}: not a readable zip archive ({exc})")
+    _judge(result, path)
+    return result

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from torchkeep.compression import Compression
@@ -113,6 +114,12 @@ def read_manifest(storage: Storage, key: str) -> Manifest:
             "(a save that was interrupted leaves none).",
             path=path,
         )
+    local = storage.local_path(manifest_key)
+    if local is not None and os.path.islink(local):
+        raise CorruptCheckpointError(
+            f"The manifest of {path!r} is a symbolic link; torchkeep does not follow links out of a checkpoint.",
+            path=local,
+        )
     size = storage.size(manifest_key)
     if size > MAX_MANIFEST_BYTES:
         raise CorruptCheckpointError(
@@ -151,6 +158,13 @@ def open_native(storage: Storage, key: str) -> OpenedCheckpoint:
         if not storage.exists(shard_key):
             raise CorruptCheckpointError(
                 f"Shard {shard.file!r} of {path!r} is missing; the checkpoint is incomplete.", path=path
+            )
+        local = storage.local_path(shard_key)
+        if local is not None and os.path.islink(local):
+            raise CorruptCheckpointError(
+                f"Shard {shard.file!r} of {path!r} is a symbolic link; torchkeep does not follow links out of "
+                "a checkpoint. Replace it with the file itself.",
+                path=local,
             )
         actual = storage.size(shard_key)
         if actual != shard.size:

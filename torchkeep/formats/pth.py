@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import io
 import pickle
+import warnings
 import zipfile
 from typing import Any
 
 import torch
 
 from torchkeep.errors import CorruptCheckpointError, UnsafeCheckpointError
+from torchkeep.scan import scan_bytes, scan_file
 from torchkeep.storage import Storage
 
 __all__ = ["crc_check", "load_pth", "write_pth"]
@@ -30,8 +32,13 @@ def write_pth(storage: Storage, key: str, obj: Any) -> None:
         raise
 
 
-def load_pth(storage: Storage, key: str, *, zip_format: bool, map_location: Any) -> Any:
+def load_pth(storage: Storage, key: str, *, zip_format: bool, map_location: Any, trust: bool = False) -> Any:
     """Load a torch file with ``weights_only=True``; never falls back to full unpickling.
+
+    Before torch sees the file, its pickles are scanned statically (the same
+    code as ``torchkeep scan``): a file importing anything off the safe list is
+    refused unless ``trust`` is given, and then loaded with full unpickling
+    and a warning.
 
     Raises:
         UnsafeCheckpointError: the file holds objects beyond tensors and plain containers.
@@ -39,12 +46,27 @@ def load_pth(storage: Storage, key: str, *, zip_format: bool, map_location: Any)
     """
     path = storage.describe(key)
     local = storage.local_path(key)
+    scan = scan_file(local) if local is not None else scan_bytes(storage.read(key), path)
+    if scan.findings and not trust:
+        listed = ", ".join(f"{f.module}.{f.name}" for f in scan.findings[:10])
+        raise UnsafeCheckpointError(
+            f"{path!r} imports {listed} when unpickled; torchkeep never runs pickled code. If you wrote this "
+            "file and trust it, pass trust=True (it will run that code), or re-save its state_dict() with "
+            "torchkeep.save.",
+            path=path,
+        )
+    if trust:
+        warnings.warn(
+            f"Loading {path!r} with full unpickling (trust=True): any code in it runs now.",
+            UserWarning,
+            stacklevel=3,
+        )
     source: Any = local if local is not None else io.BytesIO(storage.read(key))
     try:
         return torch.load(
             source,
             map_location=map_location,
-            weights_only=True,
+            weights_only=not trust,
             mmap=zip_format and local is not None,
         )
     except pickle.UnpicklingError as exc:

@@ -8,14 +8,13 @@ tensors. Files written by other tools load as a flat ``{name: tensor}`` dict.
 from __future__ import annotations
 
 import collections
-import json
 from typing import Any
 
 from torchkeep.dtypes import torch_dtype_from_code, torch_dtype_name
 from torchkeep.errors import CorruptCheckpointError
 from torchkeep.formats.shard import PlannedTensor, ShardHeader, read_header, tree_order, write_shard
 from torchkeep.formats.tensors import OpenedCheckpoint
-from torchkeep.manifest import MAX_MANIFEST_BYTES, Manifest, TensorEntry
+from torchkeep.manifest import MAX_MANIFEST_BYTES, Manifest, TensorEntry, strict_json
 from torchkeep.storage import Storage
 
 __all__ = ["open_safetensors", "open_sharded_safetensors", "write_safetensors"]
@@ -100,7 +99,7 @@ def open_sharded_safetensors(storage: Storage, key: str) -> OpenedCheckpoint:
     if storage.size(index_key) > MAX_MANIFEST_BYTES:
         raise CorruptCheckpointError(f"The index {path!r} is too large.", path=path)
     try:
-        index = json.loads(storage.read(index_key).decode("utf-8"))
+        index = strict_json(storage.read(index_key))
         weight_map = index["weight_map"]
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise TypeError("weight_map is not a map of file names")

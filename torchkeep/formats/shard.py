@@ -24,7 +24,7 @@ import torch
 from torchkeep.dtypes import safetensors_code, safetensors_numpy_code, torch_dtype_name
 from torchkeep.errors import CorruptCheckpointError, UnsupportedFormatError
 from torchkeep.integrity import checksum
-from torchkeep.manifest import TensorEntry
+from torchkeep.manifest import TensorEntry, strict_json
 from torchkeep.storage import Storage
 from torchkeep.tree import ArrayLeaf
 
@@ -221,7 +221,7 @@ def read_header(storage: Storage, key: str) -> ShardHeader:
     if 8 + length > size:
         raise corrupt(f"it declares a {length}-byte header but holds {size - 8} bytes after the length")
     try:
-        header = json.loads(storage.read(key, 8, length).decode("utf-8"))
+        header = strict_json(storage.read(key, 8, length))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise corrupt(f"its header is not JSON ({exc})") from exc
     if not isinstance(header, dict):
@@ -231,6 +231,8 @@ def read_header(storage: Storage, key: str) -> ShardHeader:
         raise corrupt("its __metadata__ is not a map of strings")
     data_start = 8 + length
     for name, info in header.items():
+        if "\x00" in name:
+            raise corrupt(f"tensor name {name!r} holds a NUL byte", name)
         try:
             code, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
             if not all(type(d) is int and d >= 0 for d in [*shape, begin, end]):
