@@ -56,4 +56,5 @@ def test_manifest_is_stable_apart_from_provenance(tmp_path: Path) -> None:
     for changing in ("created", "provenance"):
         now.pop(changing)
         then.pop(changing)
+    assert now.pop("manifest_checksum")  # added after the golden files were written, which load without it
     assert now == then

@@ -95,9 +95,7 @@ def test_map_location_to_a_missing_device_is_a_clear_error(tmp_path: Any) -> Non
 
 def test_saved_device_is_recorded_and_loads_on_cpu_by_default(tmp_path: Any) -> None:
     torchkeep.save({"x": torch.ones(2)}, tmp_path / "ckpt")
-    manifest = json.loads((tmp_path / "ckpt" / "manifest.json").read_text())
-    manifest["tensors"][0]["device"] = "cuda:3"  # as if saved on a GPU machine
-    (tmp_path / "ckpt" / "manifest.json").write_text(json.dumps(manifest))
+    edit_manifest(tmp_path / "ckpt", lambda m: m["tensors"][0].update(device="cuda:3"))  # as if saved on a GPU
     assert torchkeep.load(tmp_path / "ckpt")["x"].device.type == "cpu"
     assert torchkeep.inspect(tmp_path / "ckpt").tensors[0].device == "cuda:3"
     with pytest.raises(torchkeep.InvalidArgumentError, match="cuda:3"):
@@ -136,6 +134,15 @@ def test_verify_false_skips_checksums(tmp_path: Any) -> None:
     with pytest.raises(torchkeep.ChecksumMismatchError):
         torchkeep.load(tmp_path / "ckpt")
     assert torchkeep.load(tmp_path / "ckpt", verify=False)["w"].shape == (16,)
+
+
+def edit_manifest(directory: Any, change: Any) -> None:
+    """Rewrite a manifest as a writer would have (its own checksum dropped, so the edit itself is tested)."""
+    path = pathlib.Path(directory) / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest.pop("manifest_checksum", None)
+    change(manifest)
+    path.write_text(json.dumps(manifest))
 
 
 def flip_byte(path: Any, offset: int) -> None:
@@ -230,6 +237,7 @@ def test_manifest_edits_that_break_structure_are_caught(tmp_path: Any) -> None:
     torchkeep.save({"w": torch.ones(4)}, tmp_path / "ckpt")
     path = tmp_path / "ckpt" / "manifest.json"
     good = json.loads(path.read_text())
+    good.pop("manifest_checksum")  # test the structural checks, not the checksum
     edits = [
         ("tensors", 0, "shape", [5]),
         ("tensors", 0, "offsets", [0, 10**12]),
@@ -246,22 +254,25 @@ def test_manifest_edits_that_break_structure_are_caught(tmp_path: Any) -> None:
             torchkeep.load(tmp_path / "ckpt")
 
 
+def test_edited_manifest_fails_its_checksum(tmp_path: Any) -> None:
+    torchkeep.save({"w": torch.ones(2), "lr": 0.1}, tmp_path / "ckpt")
+    path = tmp_path / "ckpt" / "manifest.json"
+    path.write_text(path.read_text().replace("0.1", "0.2"))
+    with pytest.raises(torchkeep.ChecksumMismatchError) as err:
+        torchkeep.load(tmp_path / "ckpt")
+    assert err.value.damaged == ["manifest.json"]
+
+
 def test_newer_format_version_is_refused(tmp_path: Any) -> None:
     torchkeep.save({"w": torch.ones(2)}, tmp_path / "ckpt")
-    path = tmp_path / "ckpt" / "manifest.json"
-    manifest = json.loads(path.read_text())
-    manifest["format_version"] = FORMAT_VERSION + 1
-    path.write_text(json.dumps(manifest))
+    edit_manifest(tmp_path / "ckpt", lambda m: m.update(format_version=FORMAT_VERSION + 1))
     with pytest.raises(torchkeep.UnsupportedFormatError, match="Upgrade torchkeep"):
         torchkeep.load(tmp_path / "ckpt")
 
 
 def test_unknown_tree_node_is_refused(tmp_path: Any) -> None:
     torchkeep.save({"w": 1}, tmp_path / "ckpt")
-    path = tmp_path / "ckpt" / "manifest.json"
-    manifest = json.loads(path.read_text())
-    manifest["tree"]["items"][0][1] = {"t": "pickle", "data": "..."}
-    path.write_text(json.dumps(manifest))
+    edit_manifest(tmp_path / "ckpt", lambda m: m["tree"]["items"][0].__setitem__(1, {"t": "pickle", "data": "..."}))
     with pytest.raises(
         torchkeep.CorruptCheckpointError, match=r"damaged at state\[\"w\"\]: unknown node type 'pickle'"
     ):

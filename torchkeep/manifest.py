@@ -33,8 +33,13 @@ import numpy as np
 import torch
 
 from torchkeep._version import __version__
-from torchkeep.errors import CorruptCheckpointError, UnsupportedFormatError, UnsupportedObjectError
-from torchkeep.integrity import CHECKSUM_ALGORITHM
+from torchkeep.errors import (
+    ChecksumMismatchError,
+    CorruptCheckpointError,
+    UnsupportedFormatError,
+    UnsupportedObjectError,
+)
+from torchkeep.integrity import CHECKSUM_ALGORITHM, checksum
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MANIFEST_NAME", "Manifest", "ShardEntry", "TensorEntry"]
 
@@ -43,6 +48,8 @@ FORMAT_NAME = "torchkeep.checkpoint"
 #: shards; a checkpoint without them is still written as version 1.
 FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
+#: The manifest's own checksum: the tree and every plain value are covered, not only tensor bytes.
+MANIFEST_CHECKSUM = "manifest_checksum"
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024
 
 
@@ -158,7 +165,9 @@ class Manifest:
         }
 
     def to_bytes(self) -> bytes:
-        return json.dumps(self.to_json(), indent=1, ensure_ascii=True, allow_nan=False).encode("ascii")
+        data = self.to_json()
+        data[MANIFEST_CHECKSUM] = _canonical_checksum(data)
+        return json.dumps(data, indent=1, ensure_ascii=True, allow_nan=False).encode("ascii")
 
     @classmethod
     def from_json(cls, data: object, *, path: str | None = None) -> Manifest:
@@ -170,6 +179,16 @@ class Manifest:
         """
         if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
             raise UnsupportedFormatError(f"{path!r} is not a torchkeep manifest.", path=path)
+        if MANIFEST_CHECKSUM in data:  # manifests written before it was added carry none
+            data = dict(data)
+            recorded = data.pop(MANIFEST_CHECKSUM)
+            if recorded != _canonical_checksum(data):
+                raise ChecksumMismatchError(
+                    f"The manifest of {path!r} is damaged: its contents fail their checksum. Restore the "
+                    "checkpoint from a good copy, or load an earlier one.",
+                    path=path,
+                    damaged=[MANIFEST_NAME],
+                )
         version = data.get("format_version")
         if type(version) is not int or version < 1:
             raise CorruptCheckpointError(f"{path!r} has an invalid format_version {version!r}.", path=path)
@@ -217,6 +236,12 @@ class Manifest:
                 f"The manifest of {path!r} is not valid JSON ({exc}); the checkpoint is damaged.", path=path
             ) from exc
         return cls.from_json(data, path=path)
+
+
+def _canonical_checksum(data: dict[str, Any]) -> str:
+    """The checksum of a manifest's contents, over a canonical JSON form that parsing and dumping reproduce."""
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return checksum(canonical.encode("ascii"))
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

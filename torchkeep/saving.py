@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass
 from typing import Any
 
 from torchkeep.compression import Compression
-from torchkeep.errors import CheckpointExistsError, InvalidArgumentError
+from torchkeep.errors import CheckpointExistsError, InvalidArgumentError, StorageError, TorchkeepError
 from torchkeep.formats.native import DEFAULT_MAX_SHARD_SIZE, write_native
 from torchkeep.formats.pth import write_pth
 from torchkeep.formats.safetensors_file import write_safetensors
@@ -107,7 +108,24 @@ def prepare_save(
 
 
 def write_job(job: SaveJob) -> None:
-    """Write a prepared save and commit it atomically."""
+    """Write a prepared save and commit it atomically; nothing is published if it fails.
+
+    An ``OSError`` from a storage backend that did not translate it is reported
+    as a :class:`StorageError` naming the checkpoint.
+    """
+    try:
+        _write(job)
+    except TorchkeepError:
+        raise
+    except OSError as exc:
+        where = job.storage.describe(job.key)
+        reason = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+        raise StorageError(
+            f"Could not save {where!r}: {reason}. Earlier checkpoints are untouched.", path=where
+        ) from exc
+
+
+def _write(job: SaveJob) -> None:
     if job.fmt == "torch-zip":
         write_pth(job.storage, job.key, job.obj)
     elif job.fmt == "safetensors":

@@ -181,15 +181,27 @@ class _LocalTransaction:
             if self._directory:
                 for dirpath, _, _ in os.walk(self._staging):
                     _fsync_dir(dirpath)
-            if os.path.lexists(self._target) and (self._directory or os.path.isdir(self._target)):
-                self._replace_existing()
-            else:
-                os.replace(self._staging, self._target)
+            self._publish()
             _fsync_dir(self._parent)
         except OSError as exc:
             self.abort()
             raise _storage_error("commit", self._target, exc) from exc
         self._done = True
+
+    def _publish(self) -> None:
+        """Rename the staging into place; another writer may create or swap the target meanwhile."""
+        for _ in range(10):
+            try:
+                if os.path.lexists(self._target) and (self._directory or os.path.isdir(self._target)):
+                    self._replace_existing()
+                else:
+                    os.replace(self._staging, self._target)
+                return
+            except OSError as exc:
+                # The target appeared (ENOTEMPTY, EEXIST) or vanished (ENOENT) under us: look again.
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT) or not os.path.exists(self._staging):
+                    raise
+        raise OSError(errno.EBUSY, "another writer keeps replacing the target", self._target)
 
     def _replace_existing(self) -> None:
         if _exchange(self._staging, self._target):

@@ -1,0 +1,337 @@
+"""The hardening harness: hostile and damaged files, injected faults, killed and concurrent writers.
+
+Every case must end in a typed TorchkeepError (or, for damage that touches
+nothing that matters, in the very same data), never a traceback from a
+dependency, never code run, never a committed checkpoint lost.
+"""
+
+from __future__ import annotations
+
+import builtins
+import errno
+import io
+import json
+import os
+import pickle
+import random
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import torchkeep
+from tests.conftest import assert_same
+from torchkeep.scan import scan_file
+from torchkeep.storage import LocalStorage
+
+ROOT = Path(__file__).resolve().parents[1]
+MARKER = "pwned-marker"
+
+
+class SystemPayload:
+    def __reduce__(self) -> Any:
+        return (os.system, (f"touch {MARKER}",))
+
+
+class EvalPayload:
+    def __reduce__(self) -> Any:
+        return (builtins.eval, (f"open('{MARKER}', 'w')",))
+
+
+class SubprocessPayload:
+    def __reduce__(self) -> Any:
+        return (subprocess.call, (["touch", MARKER],))
+
+
+PAYLOADS = {"os.system": SystemPayload, "builtins.eval": EvalPayload, "subprocess.call": SubprocessPayload}
+HIDING_PLACES = {
+    "top": lambda p: p,
+    "dict value": lambda p: {"model": {"w": torch.ones(2)}, "x": p},
+    "list item": lambda p: [torch.ones(1), p],
+    "tuple in optimizer": lambda p: {"optimizer": {"param_groups": [{"lr": 0.1, "betas": (0.9, p)}]}},
+    "deeply nested": lambda p: {"k": {"nested": [{"deep": p}]}},
+}
+
+
+def write_payload(path: Path, obj: Any, kind: str) -> None:
+    if kind == "zip":
+        torch.save(obj, path)
+    elif kind == "legacy":
+        torch.save(obj, path, _use_new_zipfile_serialization=False)
+    else:
+        path.write_bytes(pickle.dumps(obj))
+
+
+@pytest.mark.parametrize("kind", ["zip", "legacy", "pickle"])
+@pytest.mark.parametrize("place", HIDING_PLACES)
+@pytest.mark.parametrize("payload", PAYLOADS)
+@pytest.mark.parametrize("suffix", [".pth", ".bin", ".ckpt"])
+def test_pickle_payloads_never_run(
+    tmp_path: Path, monkeypatch: Any, kind: str, place: str, payload: str, suffix: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / f"evil{suffix}"
+    write_payload(path, HIDING_PLACES[place](PAYLOADS[payload]()), kind)
+    for call in (torchkeep.load, torchkeep.inspect, torchkeep.verify):
+        with pytest.raises(torchkeep.UnsafeCheckpointError):
+            call(path)
+    assert not scan_file(str(path)).ok
+    assert not (tmp_path / MARKER).exists()
+
+
+def test_trust_loads_a_whole_pickled_model_with_a_warning(tmp_path: Path) -> None:
+    model = torch.nn.Linear(2, 2)
+    torch.save(model, tmp_path / "model.pth")  # the seed's torch.save(model)
+    with pytest.raises(torchkeep.UnsafeCheckpointError, match=r"torch\.nn\.modules\.linear\.Linear.*trust=True"):
+        torchkeep.load(tmp_path / "model.pth")
+    with pytest.warns(UserWarning, match="full unpickling"):
+        loaded = torchkeep.load(tmp_path / "model.pth", trust=True)
+    assert isinstance(loaded, torch.nn.Linear) and torch.equal(loaded.weight, model.weight)
+
+
+def sample_state() -> dict[str, Any]:
+    g = torch.Generator().manual_seed(0)
+    return {"w": torch.randn(64, 32, generator=g), "b": torch.randn(32, generator=g).to(torch.bfloat16), "n": 5}
+
+
+def files_of(path: Path) -> list[Path]:
+    return sorted(path.iterdir()) if path.is_dir() else [path]
+
+
+def outcome(path: Path, expected: Any) -> str:
+    """'typed' for a TorchkeepError, 'same' for a load equal to the original; anything else fails the test."""
+    try:
+        loaded = torchkeep.load(path)
+    except torchkeep.TorchkeepError:
+        return "typed"
+    assert_same(expected, loaded)
+    return "same"
+
+
+@pytest.mark.parametrize("name", ["ckpt", "ckpt.safetensors", "ckpt.pth", "ckpt-zstd"])
+def test_truncation_at_many_lengths(tmp_path: Path, name: str) -> None:
+    state = sample_state()
+    target = tmp_path / name
+    torchkeep.save(state, target, compression="zstd" if name.endswith("zstd") else None)
+    for file in files_of(target):
+        full = file.read_bytes()
+        for length in sorted(
+            {0, 1, 7, 8, 9, 16, 64, 100, len(full) // 3, len(full) // 2, len(full) - 8, len(full) - 1}
+        ):
+            if length >= len(full):
+                continue
+            file.write_bytes(full[:length])
+            assert outcome(target, state) == "typed", f"{file.name} cut at {length} loaded"
+        file.write_bytes(full)
+
+
+@pytest.mark.parametrize("name", ["ckpt", "ckpt.safetensors", "ckpt-zstd"])
+def test_bit_flips_anywhere(tmp_path: Path, name: str) -> None:
+    state = sample_state()
+    target = tmp_path / name
+    torchkeep.save(state, target, compression="zstd" if name.endswith("zstd") else None)
+    rng = random.Random(0)
+    seen = {"typed": 0, "same": 0}
+    for file in files_of(target):
+        full = file.read_bytes()
+        for position in sorted(rng.sample(range(len(full)), min(40, len(full)))):
+            data = bytearray(full)
+            data[position] ^= 1 << rng.randrange(8)
+            file.write_bytes(bytes(data))
+            seen[outcome(target, state)] += 1
+        file.write_bytes(full)
+    assert seen["typed"] > 0
+
+
+def write_safetensors(path: Path, header: dict[str, Any], data: bytes = b"", length: int | None = None) -> None:
+    raw = json.dumps(header).encode()
+    path.write_bytes((length if length is not None else len(raw)).to_bytes(8, "little") + raw + data)
+
+
+@pytest.mark.parametrize(
+    ("header", "data", "length"),
+    [
+        ({"t": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8, None),  # lying offsets
+        ({"t": {"dtype": "F32", "shape": [2**40, 2**40], "data_offsets": [0, 16]}}, b"\0" * 16, None),  # huge shape
+        ({"t": {"dtype": "F32", "shape": [4], "data_offsets": [16, 0]}}, b"\0" * 16, None),  # backwards
+        ({"t": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 16, 2**63),  # huge header length
+        ({"t": {"dtype": "F32", "shape": [-4], "data_offsets": [0, 16]}}, b"\0" * 16, None),  # negative dim
+        ({"t": {"dtype": "X99", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 16, None),  # unknown dtype
+        ({"t": {"dtype": "F32", "shape": [4]}}, b"\0" * 16, None),  # missing offsets
+        ({"a\u0000b": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 16, None),  # NUL in name
+    ],
+)
+def test_lying_safetensors_headers_are_refused_before_allocating(
+    tmp_path: Path, header: dict[str, Any], data: bytes, length: int | None
+) -> None:
+    path = tmp_path / "lie.safetensors"
+    write_safetensors(path, header, data, length)
+    with pytest.raises(torchkeep.TorchkeepError):
+        torchkeep.load(path)
+
+
+def test_duplicate_json_keys_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "dup.safetensors"
+    entry = b'{"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}'
+    raw = b'{"t": ' + entry + b', "t": ' + entry + b"}"
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + b"\0" * 4)
+    with pytest.raises(torchkeep.CorruptCheckpointError, match="duplicate key"):
+        torchkeep.load(path)
+    torchkeep.save({"w": torch.ones(1)}, tmp_path / "ckpt")
+    manifest = (tmp_path / "ckpt" / "manifest.json").read_text()
+    (tmp_path / "ckpt" / "manifest.json").write_text(
+        manifest.replace('"format_version": 1,', '"format_version": 1, "format_version": 1,')
+    )
+    with pytest.raises(torchkeep.CorruptCheckpointError, match="duplicate key"):
+        torchkeep.load(tmp_path / "ckpt")
+
+
+def test_deep_json_is_refused(tmp_path: Path) -> None:
+    torchkeep.save({"w": torch.ones(1)}, tmp_path / "ckpt")
+    path = tmp_path / "ckpt" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    path.write_text(json.dumps(manifest)[:-1] + ', "deep": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(torchkeep.CorruptCheckpointError):
+        torchkeep.load(tmp_path / "ckpt")
+
+
+def test_path_escapes_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "secret.safetensors").write_bytes(b"x" * 100)
+    torchkeep.save({"w": torch.ones(4)}, tmp_path / "ckpt")
+    path = tmp_path / "ckpt" / "manifest.json"
+    good = json.loads(path.read_text())
+    for shard in ("../secret.safetensors", "/etc/passwd", "..", "a/../../b", "x\u0000y"):
+        bad = json.loads(json.dumps(good))
+        bad["shards"][0]["file"] = shard
+        bad["tensors"][0]["shard"] = shard
+        path.write_text(json.dumps(bad))
+        with pytest.raises(torchkeep.CorruptCheckpointError):
+            torchkeep.load(tmp_path / "ckpt")
+    path.write_text(json.dumps(good))
+    shard = tmp_path / "ckpt" / "data-00000.safetensors"
+    os.replace(shard, tmp_path / "outside.safetensors")
+    os.symlink(tmp_path / "outside.safetensors", shard)
+    with pytest.raises(torchkeep.CorruptCheckpointError, match="symbolic link"):
+        torchkeep.load(tmp_path / "ckpt")
+
+
+class FaultyStorage(LocalStorage):
+    """A local disk that fails with ``error`` at the ``fail_at``-th write call of the next save."""
+
+    def __init__(self, root: Path, fail_at: int, error: int) -> None:
+        super().__init__(root)
+        self.fail_at, self.error, self.calls = fail_at, error, 0
+
+    def begin(self, key: str, *, directory: bool) -> Any:
+        txn = super().begin(key, directory=directory)
+        original = txn.open
+        storage = self
+
+        def open_faulty(name: str = "") -> Any:
+            f = original(name)
+            real_write = f.write
+
+            def write(data: Any) -> int:
+                storage.calls += 1
+                if storage.calls == storage.fail_at:
+                    half = memoryview(data).cast("B")[: len(memoryview(data).cast("B")) // 2]
+                    real_write(half)  # some bytes reach the disk, then it fails
+                    raise OSError(storage.error, os.strerror(storage.error))
+                return real_write(data)
+
+            f.write = write
+            return f
+
+        txn.open = open_faulty
+        return txn
+
+
+def test_fault_at_every_write_call_leaves_the_previous_checkpoint(tmp_path: Path) -> None:
+    old = sample_state()
+    new = {"w": torch.zeros(300, 300), "x": [torch.ones(3)] * 4, "n": 6}
+    torchkeep.save(old, "ckpt", storage=LocalStorage(tmp_path))
+    counter = FaultyStorage(tmp_path / "count", fail_at=-1, error=errno.EIO)
+    torchkeep.save(new, "ckpt", storage=counter)
+    writes = counter.calls
+    assert writes >= 3
+    cases = 0
+    for error in (errno.ENOSPC, errno.EIO):
+        for fail_at in range(1, writes + 1):
+            storage = FaultyStorage(tmp_path, fail_at=fail_at, error=error)
+            with pytest.raises(torchkeep.StorageError) as err:
+                torchkeep.save(new, "ckpt", storage=storage)
+            assert str(tmp_path) in str(err.value)
+            assert sorted(os.listdir(tmp_path)) == ["ckpt", "count"]  # no staging left behind
+            assert_same(old, torchkeep.load("ckpt", storage=LocalStorage(tmp_path)))
+            cases += 1
+    assert cases == 2 * writes
+
+
+def test_failing_state_dict_surfaces_and_writes_nothing(tmp_path: Path) -> None:
+    class Broken:
+        def state_dict(self) -> dict[str, Any]:
+            raise ZeroDivisionError("the user's bug")
+
+        def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    with torchkeep.CheckpointManager(tmp_path) as mgr:
+        with pytest.raises(ZeroDivisionError, match="the user's bug"):
+            mgr.save(1, broken=Broken())
+        assert mgr.list() == []
+    assert [p for p in os.listdir(tmp_path) if not p.startswith(".")] == []
+
+
+WRITER = textwrap.dedent(
+    """
+    import sys, torch, torchkeep
+    path, value = sys.argv[1], float(sys.argv[2])
+    for i in range(15):
+        torchkeep.save({"w": torch.full((512, 512), value), "i": i}, path)
+    """
+)
+
+
+def test_two_processes_saving_to_one_path(tmp_path: Path) -> None:
+    procs = [
+        subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path / "ckpt"), v], cwd=ROOT, stderr=subprocess.PIPE)
+        for v in ("1", "2")
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err.decode()
+    loaded = torchkeep.load(tmp_path / "ckpt")  # whichever committed last, whole
+    assert loaded["i"] == 14
+    assert torch.equal(loaded["w"], torch.full((512, 512), loaded["w"][0, 0].item()))
+    assert loaded["w"][0, 0].item() in (1.0, 2.0)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+
+
+def test_random_bytes_of_every_kind_never_escape_as_untyped_errors(tmp_path: Path) -> None:
+    rng = random.Random(1)
+    for i in range(60):
+        suffix = rng.choice(["", ".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".safetensors.index.json"])
+        path = tmp_path / f"r{i}{suffix}"
+        head = rng.choice([b"", b"PK\x03\x04", b"\x80\x02", b'{"', (50).to_bytes(8, "little") + b"{"])
+        path.write_bytes(head + bytes(rng.randrange(256) for _ in range(rng.randrange(0, 600))))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for call in (torchkeep.load, torchkeep.inspect, torchkeep.verify):
+                with pytest.raises(torchkeep.TorchkeepError):
+                    call(path)
+
+
+def test_in_memory_hostile_pickle_bytes(tmp_path: Path) -> None:
+    buffer = io.BytesIO()
+    torch.save({"x": SystemPayload()}, buffer)
+    storage = torchkeep.MemoryStorage()
+    txn = storage.begin("evil.pth", directory=False)
+    with txn.open() as f:
+        f.write(buffer.getvalue())
+    txn.commit()
+    with pytest.raises(torchkeep.UnsafeCheckpointError):
+        torchkeep.load("evil.pth", storage=storage)
