@@ -17,6 +17,7 @@ import random
 import subprocess
 import sys
 import textwrap
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -335,3 +336,75 @@ def test_in_memory_hostile_pickle_bytes(tmp_path: Path) -> None:
     txn.commit()
     with pytest.raises(torchkeep.UnsafeCheckpointError):
         torchkeep.load("evil.pth", storage=storage)
+
+
+ASYNC_SOAK = textwrap.dedent(
+    """
+    import sys, torch, torchkeep
+    path = sys.argv[1]
+    with torchkeep.CheckpointManager(path, async_save=True, keep_last=3) as mgr:
+        step = 0
+        while True:
+            step += 1
+            mgr.save(step, state={"w": torch.full((1024, 1024), float(step)), "step": step})
+            print(step, flush=True)
+    """
+)
+
+
+def test_async_writer_killed_at_random_moments(tmp_path: Path) -> None:
+    rng = random.Random(2)
+    for _ in range(5):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", ASYNC_SOAK, str(tmp_path)], stdout=subprocess.PIPE, text=True, cwd=ROOT
+        )
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip().isdigit()
+        time.sleep(rng.uniform(0.0, 0.4))
+        proc.kill()
+        proc.communicate()
+        with torchkeep.CheckpointManager(tmp_path) as mgr:
+            records = mgr.list()
+            assert records, "at least one checkpoint had committed"
+            for record in records:
+                torchkeep.verify(record.path)
+                state: dict[str, Any] = {}
+                mgr.restore(record.step, state=state)
+                assert state["step"] == record.step and torch.equal(
+                    state["w"], torch.full((1024, 1024), float(record.step))
+                )
+
+
+HOSTILE_MEMORY = textwrap.dedent(
+    """
+    import json, resource, sys, torch, torchkeep
+    path = sys.argv[1]
+    for shape in ([2**40, 2**40], [2**31, 2**31, 4], [10**12]):
+        header = json.dumps({"t": {"dtype": "F32", "shape": shape, "data_offsets": [0, 16]}}).encode()
+        open(path, "wb").write(len(header).to_bytes(8, "little") + header + bytes(16))
+        try:
+            torchkeep.load(path)
+        except torchkeep.TorchkeepError:
+            pass
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    """
+)
+
+
+def test_huge_declared_sizes_use_bounded_memory(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", HOSTILE_MEMORY, str(tmp_path / "huge.safetensors")],
+        capture_output=True, text=True, cwd=ROOT, check=True,
+    )  # fmt: skip
+    assert int(out.stdout.strip()) < 1_500_000  # KiB: the interpreter and torch, not the declared sizes
+
+
+class ReadOnlyStorage(LocalStorage):
+    def begin(self, key: str, *, directory: bool) -> Any:
+        raise OSError(errno.EROFS, "Read-only file system", str(self.root))
+
+
+def test_read_only_target_is_an_error_never_a_silent_success(tmp_path: Path) -> None:
+    with pytest.raises(torchkeep.StorageError, match="Read-only"):
+        torchkeep.save({"w": torch.ones(1)}, "ckpt", storage=ReadOnlyStorage(tmp_path))
+    assert not (tmp_path / "ckpt").exists()
