@@ -66,7 +66,7 @@ def test_disk_full_is_a_typed_error_and_leaves_the_old_checkpoint(tmp_path: Any,
     assert_same({"x": torch.ones(4)}, torchkeep.load(tmp_path / "ckpt"))
 
 
-def test_state_dict_failure_mid_save_leaves_nothing(tmp_path: Any) -> None:
+def test_unsupported_value_deep_in_the_tree_leaves_nothing(tmp_path: Any) -> None:
     class Exploding:
         def __reduce__(self) -> Any:  # never reached: refused before any write
             raise AssertionError
