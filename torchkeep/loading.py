@@ -190,7 +190,7 @@ def inspect(path: str | os.PathLike[str], *, storage: Storage | None = None) -> 
     return CheckpointInfo(
         path=opened.path,
         format=fmt,
-        format_version=manifest.format_version if fmt != SAFETENSORS or manifest.provenance else None,
+        format_version=manifest.format_version if manifest.provenance else None,  # None: not written by torchkeep
         tree=decode_tree(manifest.tree, infos, path=opened.path, placeholders=True),
         tensors=tuple(infos.values()),
         metadata=manifest.metadata,
