@@ -121,9 +121,7 @@ def test_same_step_twice_replaces_atomically(tmp_path: Path) -> None:
         extra: dict[str, Any] = {}
         mgr.restore(extra=extra)
     assert extra == {"v": 2}
-    assert os.listdir(tmp_path / "step-00000005") == ["data-00000.safetensors", "manifest.json"] or sorted(
-        os.listdir(tmp_path / "step-00000005")
-    ) == ["data-00000.safetensors", "manifest.json"]
+    assert sorted(os.listdir(tmp_path / "step-00000005")) == ["data-00000.safetensors", "manifest.json"]
 
 
 def damage(directory: Path, how: str) -> None:

@@ -23,7 +23,7 @@ import torchkeep
 from torchkeep.compare import compare_tensors, flatten_tensors
 from torchkeep.errors import TorchkeepError
 from torchkeep.formats.native import open_native
-from torchkeep.info import TensorInfo
+from torchkeep.info import TensorInfo, human_size
 from torchkeep.manager import read_records
 from torchkeep.retention import KeepBest, KeepLast, best_record, steps_to_delete
 from torchkeep.scan import scan_file
@@ -34,14 +34,6 @@ __all__ = ["main"]
 
 def _out() -> Console:
     return Console(soft_wrap=True, highlight=False)
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def _jsonable(value: Any) -> Any:
@@ -88,13 +80,15 @@ def inspect(path: str, as_json: bool) -> None:
         return
     out = _out()
     version = f" v{info.format_version}" if info.format_version else ""
-    out.print(f"[bold]{info.path}[/bold]  {info.format}{version}, {len(info.tensors)} tensors, {_human(info.nbytes)}")
+    out.print(
+        f"[bold]{info.path}[/bold]  {info.format}{version}, {len(info.tensors)} tensors, {human_size(info.nbytes)}"
+    )
     for label, value in (("created", info.created), ("provenance", info.provenance), ("metadata", info.metadata)):
         if value:
             out.print(f"{label}: {value}")
     table = Table("name", "dtype", "shape", "size", "device", "")
     for t in info.tensors:
-        table.add_row(t.name, t.dtype, str(list(t.shape)), _human(t.nbytes), t.device, "shared" if t.shared else "")
+        table.add_row(t.name, t.dtype, str(list(t.shape)), human_size(t.nbytes), t.device, "shared" if t.shared else "")
     out.print(table)
 
 
@@ -120,9 +114,8 @@ def verify(paths: Sequence[str], as_json: bool) -> None:
     else:
         for r in results:
             if r["ok"]:
-                out.print(
-                    f"[green]OK[/green]   {r['path']}: {r['tensors']} tensors, {_human(r['nbytes'])} ({r['method']})"
-                )
+                size = human_size(r["nbytes"])
+                out.print(f"[green]OK[/green]   {r['path']}: {r['tensors']} tensors, {size} ({r['method']})")
             else:
                 out.print(f"[red]FAIL[/red] {r['path']}: {r['error']}")
     if not all(r["ok"] for r in results):
@@ -188,7 +181,7 @@ def convert(src: str, dst: str, dtype: str | None, as_json: bool) -> None:
     if as_json:
         _emit(result)
     else:
-        _out().print(f"{src} -> {dst} ({info.format}): {len(info.tensors)} tensors, {_human(info.nbytes)}")
+        _out().print(f"{src} -> {dst} ({info.format}): {len(info.tensors)} tensors, {human_size(info.nbytes)}")
 
 
 def _policies(keep_last: int | None, keep_best: int | None, monitor: str | None, mode: str) -> dict[str, Any]:
@@ -260,7 +253,7 @@ def ls(directory: str, keep_last: int | None, keep_best: int | None, monitor: st
         flag = "[bold]best[/bold]" if row["best"] else ""
         if row["state"] != "ok":
             flag = f"[red]{row['state']}[/red]"
-        table.add_row(str(row["step"]), when, _human(row["size"]) if row["size"] else "-", *values,
+        table.add_row(str(row["step"]), when, human_size(row["size"]) if row["size"] else "-", *values,
                       ", ".join(row["kept_by"]), flag)  # fmt: skip
     _out().print(table)
 

@@ -7,23 +7,28 @@ from typing import Any
 
 import torch
 
-__all__ = ["TensorChange", "compare_tensors", "flatten_tensors"]
+__all__ = ["TensorChange", "compare_tensors", "flatten_tensors", "flatten_tree"]
 
 
-def flatten_tensors(tree: Any, prefix: str = "") -> dict[str, torch.Tensor]:
-    """Every tensor in a tree by its dotted path (``model.0.weight``)."""
-    if isinstance(tree, torch.Tensor):
-        return {prefix.rstrip(".") or "tensor": tree}
+def flatten_tree(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested state dict as ``{"a.b.c": leaf}`` (lists by index); a flat one comes back as it is."""
     if isinstance(tree, dict):
-        items = tree.items()
-    elif isinstance(tree, (list, tuple)) and not isinstance(tree, torch.Size):
-        items = enumerate(tree)  # type: ignore[assignment]
-    else:
-        return {}
-    out: dict[str, torch.Tensor] = {}
-    for k, v in items:
-        out.update(flatten_tensors(v, f"{prefix}{k}."))
-    return out
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            name = f"{prefix}{k}"
+            if isinstance(v, (dict, list, tuple)) and not isinstance(v, torch.Size):
+                out.update(flatten_tree(v, name + "."))
+            else:
+                out[name] = v
+        return out
+    if isinstance(tree, (list, tuple)) and not isinstance(tree, torch.Size):
+        return flatten_tree({str(i): v for i, v in enumerate(tree)}, prefix)
+    return {prefix.rstrip(".") or "value": tree}
+
+
+def flatten_tensors(tree: Any) -> dict[str, torch.Tensor]:
+    """Every tensor in a tree by its dotted path (``model.0.weight``)."""
+    return {k: v for k, v in flatten_tree(tree).items() if isinstance(v, torch.Tensor)}
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ from typing import Any
 __all__ = ["CheckpointInfo", "TensorInfo", "VerifyReport"]
 
 
-def _human(n: int) -> str:
+def human_size(n: float) -> str:
+    """``1536`` -> ``"1.5 KiB"``."""
     size = float(n)
     for unit in ("B", "KiB", "MiB", "GiB"):
         if size < 1024 or unit == "GiB":
@@ -77,7 +78,7 @@ class CheckpointInfo:
 
     def __str__(self) -> str:
         version = f" v{self.format_version}" if self.format_version else ""
-        lines = [f"{self.path}  ({self.format}{version}, {len(self.tensors)} tensors, {_human(self.nbytes)})"]
+        lines = [f"{self.path}  ({self.format}{version}, {len(self.tensors)} tensors, {human_size(self.nbytes)})"]
         if self.created:
             lines.append(f"created {self.created}")
         if self.metadata:
@@ -87,7 +88,7 @@ class CheckpointInfo:
         for t in self.tensors:
             shape = "[" + ", ".join(map(str, t.shape)) + "]"
             mark = "  shared" if t.shared else ""
-            lines.append(f"{t.name:<{width}}  {t.dtype:<14} {shape:<20} {_human(t.nbytes):>10}{mark}")
+            lines.append(f"{t.name:<{width}}  {t.dtype:<14} {shape:<20} {human_size(t.nbytes):>10}{mark}")
         return "\n".join(lines)
 
 
@@ -112,4 +113,4 @@ class VerifyReport:
     method: str
 
     def __str__(self) -> str:
-        return f"OK {self.path}: {self.tensors} tensors, {_human(self.nbytes)} checked ({self.method})"
+        return f"OK {self.path}: {self.tensors} tensors, {human_size(self.nbytes)} checked ({self.method})"

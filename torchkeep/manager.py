@@ -362,10 +362,11 @@ class CheckpointManager:
 
     def _commit(self, job: SaveJob, step: int) -> CheckpointRecord:
         """Write, commit and apply retention: the stages after the snapshot, on either path."""
-        write_job(job)
+        manifest = write_job(job)
+        assert manifest is not None  # a manager writes native checkpoints
         self._apply_retention(just_saved=step)
         self._sweep_objects()
-        return _record(self._storage, job.key, read_manifest(self._storage, job.key))
+        return _record(self._storage, job.key, manifest)
 
     def _exit_if_preempted(self) -> None:
         if self._preempted is not None:

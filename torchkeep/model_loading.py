@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from torchkeep.compare import flatten_tree
 from torchkeep.dtypes import torch_dtype_from_name, torch_dtype_name
 from torchkeep.errors import ChecksumMismatchError, InvalidArgumentError, StateMismatchError
 from torchkeep.formats.compressed import read_compressed
@@ -105,22 +106,6 @@ def _select(tree: Any, key: str | Sequence[str | int] | None, where: str) -> Any
     return node
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """A nested state dict as ``{"a.b.c": leaf}``; a flat one is returned as it is."""
-    if isinstance(tree, dict):
-        out: dict[str, Any] = {}
-        for k, v in tree.items():
-            name = f"{prefix}{k}"
-            if isinstance(v, (dict, list, tuple)) and not isinstance(v, torch.Size):
-                out.update(_flatten(v, name + "."))
-            else:
-                out[name] = v
-        return out
-    if isinstance(tree, (list, tuple)):
-        return _flatten({str(i): v for i, v in enumerate(tree)}, prefix)
-    return {prefix.rstrip(".") or "value": tree}
-
-
 def _rename_function(rename: Rename) -> Callable[[str], str] | None:
     if rename is None:
         return None
@@ -185,7 +170,7 @@ def _match_keys(source: list[str], target: set[str], rename: Rename, report: Loa
 
 
 def _source_items(
-    source: Any, key: str | Sequence[str | int] | None, storage: Storage | None, verify: bool
+    source: Any, key: str | Sequence[str | int] | None, storage: Storage | None
 ) -> tuple[dict[str, _Item | Any], str, Storage | None]:
     """Flat source keys -> streamable items (tensors) or plain values, reading no tensor data."""
     compressed: frozenset[str] = frozenset()
@@ -208,7 +193,7 @@ def _source_items(
             }
             compressed = opened.compressed
     items: dict[str, _Item | Any] = {}
-    for name, leaf in _flatten(_select(tree, key, where)).items():
+    for name, leaf in flatten_tree(_select(tree, key, where)).items():
         if isinstance(leaf, torch.Tensor):
             items[name] = _Item(tuple(leaf.shape), leaf.dtype, tensor=leaf)
         elif isinstance(leaf, TensorEntry) and leaf.kind == "torch":
@@ -279,11 +264,11 @@ def _load_module(
         where = "the source state dict" if isinstance(source, Mapping) else str(source)
         items: dict[str, Any] = {
             name: _Item(tuple(v.shape), v.dtype, tensor=v) if isinstance(v, torch.Tensor) else v
-            for name, v in _flatten(_select(tree, key, where)).items()
+            for name, v in flatten_tree(_select(tree, key, where)).items()
         }
         st = None
     else:
-        items, where, st = _source_items(source, key, storage, verify)
+        items, where, st = _source_items(source, key, storage)
         meta = [k for k, v in target.items() if isinstance(v, torch.Tensor) and v.is_meta]
         if meta:
             raise InvalidArgumentError(
@@ -626,6 +611,6 @@ def load_into(
     if isinstance(target, torch.optim.Optimizer):
         _check_optimizer(target, state, where, report)
     else:
-        report.loaded = [k for k, v in _flatten(state).items() if isinstance(v, torch.Tensor)]
+        report.loaded = [k for k, v in flatten_tree(state).items() if isinstance(v, torch.Tensor)]
     target.load_state_dict(state)
     return report

@@ -13,7 +13,7 @@ from torchkeep.formats.native import DEFAULT_MAX_SHARD_SIZE, write_native
 from torchkeep.formats.pth import write_pth
 from torchkeep.formats.safetensors_file import write_safetensors
 from torchkeep.formats.shard import PlannedTensor, plan_tensors
-from torchkeep.manifest import MANIFEST_NAME, check_metadata
+from torchkeep.manifest import MANIFEST_NAME, Manifest, check_metadata
 from torchkeep.storage import Storage, resolve
 from torchkeep.tree import encode_tree
 
@@ -107,14 +107,16 @@ def prepare_save(
     return SaveJob(st, key, fmt, obj, tree, plan_tensors(leaves), meta, max_shard_size, codec)
 
 
-def write_job(job: SaveJob) -> None:
+def write_job(job: SaveJob) -> Manifest | None:
     """Write a prepared save and commit it atomically; nothing is published if it fails.
+
+    Returns the committed manifest (None for a ``.pth``, which has none).
 
     An ``OSError`` from a storage backend that did not translate it is reported
     as a :class:`StorageError` naming the checkpoint.
     """
     try:
-        _write(job)
+        return _write(job)
     except TorchkeepError:
         raise
     except OSError as exc:
@@ -125,16 +127,16 @@ def write_job(job: SaveJob) -> None:
         ) from exc
 
 
-def _write(job: SaveJob) -> None:
+def _write(job: SaveJob) -> Manifest | None:
     if job.fmt == "torch-zip":
         write_pth(job.storage, job.key, job.obj)
-    elif job.fmt == "safetensors":
-        write_safetensors(job.storage, job.key, job.tree, job.planned, job.metadata)
-    else:
-        write_native(
-            job.storage, job.key, job.tree, job.planned, job.metadata,
-            max_shard_size=job.max_shard_size, compression=job.compression, objects=job.objects,
-        )  # fmt: skip
+        return None
+    if job.fmt == "safetensors":
+        return write_safetensors(job.storage, job.key, job.tree, job.planned, job.metadata)
+    return write_native(
+        job.storage, job.key, job.tree, job.planned, job.metadata,
+        max_shard_size=job.max_shard_size, compression=job.compression, objects=job.objects,
+    )  # fmt: skip
 
 
 def save(

@@ -10,6 +10,7 @@ the snapshot returns.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import numpy as np
 import torch
@@ -78,13 +79,7 @@ class StagingBuffer:
                     target = region.numpy()
                     target[:] = np.frombuffer(leaf_bytes(value), dtype=np.uint8)
                     copy = target.view(value.dtype).reshape(value.shape)
-                staged.append(_replace_leaf(p, copy))
+                staged.append(dataclasses.replace(p, leaf=ArrayLeaf(p.name, copy)))
         if stream is not None:
             stream.synchronize()
         return staged
-
-
-def _replace_leaf(p: PlannedTensor, value: torch.Tensor | np.ndarray) -> PlannedTensor:
-    return PlannedTensor(
-        ArrayLeaf(p.leaf.name, value), p.kind, p.dtype, p.shape, p.nbytes, p.code, p.raw, p.align, p.device, p.order
-    )

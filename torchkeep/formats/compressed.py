@@ -41,8 +41,7 @@ def write_compressed_shard(
 
     def pack(p: PlannedTensor) -> tuple[bytes, str, int]:
         data = leaf_bytes(p.leaf.value)
-        itemsize = p.nbytes // max(1, _numel(p.shape)) if p.nbytes else 0
-        stride = itemsize if compression.shuffle and itemsize > 1 and not p.raw else 0
+        stride = p.itemsize if compression.shuffle and p.itemsize > 1 and not p.raw else 0
         if stride and len(data) > _SAMPLE and not _shuffle_helps(data, stride, compression.level):
             stride = 0
         threads = workers if p.nbytes >= _LARGE else 0  # a large tensor's frame is compressed on all cores
@@ -94,13 +93,6 @@ def _shuffle_helps(data: memoryview, stride: int, level: int) -> bool:
     sample = data[: _SAMPLE - _SAMPLE % stride]
     zstd = compressor(level)
     return len(zstd.compress(shuffle_bytes(sample, stride))) < len(zstd.compress(sample))
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def read_compressed(storage: Storage, key: str, entry: TensorEntry, *, path: str) -> memoryview:

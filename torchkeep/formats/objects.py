@@ -11,6 +11,7 @@ leaves at worst unreferenced objects, removed by the next sweep.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import xxhash
@@ -44,10 +45,7 @@ def store_object(storage: Storage, folder: str, planned: PlannedTensor) -> tuple
     key = f"{folder}/{name}" if folder else name
     written = False
     if not storage.exists(key):
-        renamed = PlannedTensor(
-            ArrayLeaf(OBJECT_TENSOR, planned.leaf.value), planned.kind, planned.dtype, planned.shape,
-            planned.nbytes, planned.code, planned.raw, planned.align, planned.device,
-        )  # fmt: skip
+        renamed = dataclasses.replace(planned, leaf=ArrayLeaf(OBJECT_TENSOR, planned.leaf.value))
         txn = storage.begin(key, directory=False)
         try:
             with txn.open() as f:

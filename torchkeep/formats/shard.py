@@ -49,7 +49,7 @@ class PlannedTensor:
     nbytes: int
     code: str
     raw: bool
-    align: int
+    itemsize: int
     device: str
     order: int = 0
 
@@ -57,9 +57,10 @@ class PlannedTensor:
     def name(self) -> str:
         return self.leaf.name
 
-
-def _align(itemsize: int) -> int:
-    return math.gcd(itemsize, 8) if itemsize else 1
+    @property
+    def align(self) -> int:
+        """The alignment its bytes get in a shard: the largest power of two dividing its element size, up to 8."""
+        return math.gcd(self.itemsize, 8) if self.itemsize else 1
 
 
 def plan_tensors(leaves: list[ArrayLeaf]) -> list[PlannedTensor]:
@@ -73,8 +74,7 @@ def plan_tensors(leaves: list[ArrayLeaf]) -> list[PlannedTensor]:
             planned.append(
                 PlannedTensor(
                     leaf, "torch", torch_dtype_name(value.dtype), tuple(value.shape),
-                    value.numel() * itemsize, code or "U8", code is None, _align(itemsize),
-                    str(value.device),
+                    value.numel() * itemsize, code or "U8", code is None, itemsize, str(value.device),
                 )
             )  # fmt: skip
         else:
@@ -82,7 +82,7 @@ def plan_tensors(leaves: list[ArrayLeaf]) -> list[PlannedTensor]:
             planned.append(
                 PlannedTensor(
                     leaf, "numpy", value.dtype.str, tuple(value.shape), value.nbytes,
-                    code or "U8", code is None, _align(value.dtype.itemsize), "cpu",
+                    code or "U8", code is None, value.dtype.itemsize, "cpu",
                 )
             )  # fmt: skip
     for order, p in enumerate(planned):
