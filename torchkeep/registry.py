@@ -312,14 +312,8 @@ class Registry:
             raise InvalidArgumentError(f"Alias {alias!r} would be read as a version; choose another.")
 
     def _write_alias(self, name: str, alias: str, version: int) -> None:
-        txn = self._storage.begin(self._key("models", name, "aliases", alias), directory=False)
-        try:
-            with txn.open() as f:
-                f.write(json.dumps({"version": version, "updated": _now()}).encode())
-            txn.commit()
-        except BaseException:
-            txn.abort()
-            raise
+        with self._storage.begin(self._key("models", name, "aliases", alias), directory=False) as txn, txn.open() as f:
+            f.write(json.dumps({"version": version, "updated": _now()}).encode())
 
     def set_alias(self, name: str, alias: str, version: int) -> None:
         """Point ``alias`` (``"production"``) at a version; an alias moves, versions never change."""

@@ -67,8 +67,7 @@ def write_native(
         planned_here = [p for p in planned if p.nbytes < SHARE_MIN_BYTES]
     else:
         planned_here = planned
-    txn = storage.begin(key, directory=True)
-    try:
+    with storage.begin(key, directory=True) as txn:
         for index, group in enumerate(_split(planned_here, max_shard_size)):
             if compression is None:
                 name = f"data-{index:05d}.safetensors"
@@ -91,10 +90,6 @@ def write_native(
         )
         with txn.open(MANIFEST_NAME) as f:
             f.write(manifest.to_bytes())
-        txn.commit()
-    except BaseException:
-        txn.abort()
-        raise
     return manifest
 
 

@@ -46,14 +46,8 @@ def store_object(storage: Storage, folder: str, planned: PlannedTensor) -> tuple
     written = False
     if not storage.exists(key):
         renamed = dataclasses.replace(planned, leaf=ArrayLeaf(OBJECT_TENSOR, planned.leaf.value))
-        txn = storage.begin(key, directory=False)
-        try:
-            with txn.open() as f:
-                write_shard(f, [renamed], name, {"format": "pt"})
-            txn.commit()
-        except BaseException:
-            txn.abort()
-            raise
+        with storage.begin(key, directory=False) as txn, txn.open() as f:
+            write_shard(f, [renamed], name, {"format": "pt"})
         written = True
     entry = TensorEntry(
         name=planned.name, kind=planned.kind, dtype=planned.dtype, shape=planned.shape, nbytes=planned.nbytes,

@@ -22,14 +22,8 @@ _UNSAFE_MARKERS = ("Unsupported global", "Unsupported class", "is not an allowed
 
 def write_pth(storage: Storage, key: str, obj: Any) -> None:
     """``torch.save`` into a staged file, committed atomically."""
-    txn = storage.begin(key, directory=False)
-    try:
-        with txn.open() as f:
-            torch.save(obj, f)
-        txn.commit()
-    except BaseException:
-        txn.abort()
-        raise
+    with storage.begin(key, directory=False) as txn, txn.open() as f:
+        torch.save(obj, f)
 
 
 def load_pth(storage: Storage, key: str, *, zip_format: bool, map_location: Any, trust: bool = False) -> Any:

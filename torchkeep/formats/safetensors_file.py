@@ -34,14 +34,8 @@ def write_safetensors(
         written.append(manifest)
         return {"format": "pt", _META_KEY: manifest.to_bytes().decode("ascii")}
 
-    txn = storage.begin(key, directory=False)
-    try:
-        with txn.open() as f:
-            write_shard(f, planned, "", header_metadata)
-        txn.commit()
-    except BaseException:
-        txn.abort()
-        raise
+    with storage.begin(key, directory=False) as txn, txn.open() as f:
+        write_shard(f, planned, "", header_metadata)
     return written[0]
 
 

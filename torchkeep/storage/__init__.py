@@ -6,11 +6,20 @@ import os
 import threading
 
 from torchkeep.errors import InvalidArgumentError
-from torchkeep.storage.base import Storage, Transaction
+from torchkeep.storage.base import Storage, Transaction, join_key, parent_key, split_key
 from torchkeep.storage.local import LocalStorage
 from torchkeep.storage.memory import MemoryStorage
 
-__all__ = ["LocalStorage", "MemoryStorage", "Storage", "Transaction", "resolve"]
+__all__ = [
+    "LocalStorage",
+    "MemoryStorage",
+    "Storage",
+    "Transaction",
+    "join_key",
+    "parent_key",
+    "resolve",
+    "split_key",
+]
 
 _SCHEMES = ("file", "memory")
 _memory_stores: dict[str, MemoryStorage] = {}

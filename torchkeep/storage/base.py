@@ -14,15 +14,47 @@ Writing goes through a :class:`Transaction`. The call order is fixed:
    an earlier entry there only once the new one is complete; or
    ``txn.abort()`` throws the staging away.
 
+A transaction is a context manager that does step 3 itself: leaving the
+``with`` block normally commits, leaving it by any exception aborts::
+
+    with storage.begin("run/step-10", directory=True) as txn:
+        with txn.open("manifest.json") as f:
+            f.write(data)
+
 Until ``commit`` returns, readers see the previous entry (or none) and
 :meth:`Storage.list` never shows the staged one.
 """
 
 from __future__ import annotations
 
+from types import TracebackType
 from typing import BinaryIO, Protocol, runtime_checkable
 
-__all__ = ["Storage", "Transaction"]
+from torchkeep.errors import InvalidArgumentError
+
+__all__ = ["Storage", "Transaction", "TransactionBase", "join_key", "parent_key", "split_key"]
+
+
+def split_key(key: str) -> list[str]:
+    """The parts of a storage key, refusing anything that could leave the storage's root."""
+    parts = key.split("/")
+    for part in parts:
+        if part in ("", ".", "..") or "\x00" in part or "\\" in part:
+            raise InvalidArgumentError(
+                f"Storage key {key!r} is not valid: keys are relative, '/'-separated, "
+                "and may not contain empty, '.' or '..' parts."
+            )
+    return parts
+
+
+def join_key(*parts: str) -> str:
+    """Join key parts with ``/``, skipping empty ones (the root is ``""``)."""
+    return "/".join(p.strip("/") for p in parts if p.strip("/"))
+
+
+def parent_key(key: str) -> str:
+    """The key of the folder holding ``key`` (``""`` at the root)."""
+    return key.rsplit("/", 1)[0] if "/" in key else ""
 
 
 @runtime_checkable
@@ -46,6 +78,38 @@ class Transaction(Protocol):
     def abort(self) -> None:
         """Discard everything staged; safe to call more than once."""
         ...
+
+    def __enter__(self) -> Transaction: ...
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None: ...
+
+
+class TransactionBase:
+    """The context-manager half of a :class:`Transaction`: commit on success, abort on any exception.
+
+    Backends subclass it and provide ``open``, ``commit`` and ``abort``.
+    """
+
+    def commit(self) -> None:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> TransactionBase:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        if kind is None:
+            try:
+                self.commit()
+            except BaseException:
+                self.abort()
+                raise
+        else:
+            self.abort()
 
 
 @runtime_checkable

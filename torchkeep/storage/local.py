@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
 from torchkeep.errors import CheckpointNotFoundError, CorruptCheckpointError, InvalidArgumentError, StorageError
+from torchkeep.storage.base import TransactionBase, split_key
 
 __all__ = ["LocalStorage"]
 
@@ -141,7 +142,7 @@ class _DurableFile(io.FileIO):
         super().close()
 
 
-class _LocalTransaction:
+class _LocalTransaction(TransactionBase):
     def __init__(self, storage: LocalStorage, key: str, *, directory: bool) -> None:
         self.key = key
         self._target = storage._path(key)
@@ -163,7 +164,7 @@ class _LocalTransaction:
         if self._directory:
             if not name:
                 raise InvalidArgumentError("A directory entry needs a name for each object.")
-            path = os.path.join(self._staging, *_split_key(name))
+            path = os.path.join(self._staging, *split_key(name))
             os.makedirs(os.path.dirname(path), exist_ok=True)
         else:
             if name:
@@ -249,17 +250,6 @@ def _recover_moved_aside(directory: str, only: str | None = None) -> set[str]:
     return restored
 
 
-def _split_key(key: str) -> list[str]:
-    parts = key.split("/")
-    for part in parts:
-        if part in ("", ".", "..") or "\x00" in part or "\\" in part:
-            raise InvalidArgumentError(
-                f"Storage key {key!r} is not valid: keys are relative, '/'-separated, "
-                "and may not contain empty, '.' or '..' parts."
-            )
-    return parts
-
-
 class LocalStorage:
     """Checkpoints in a directory on a local or network filesystem.
 
@@ -282,7 +272,7 @@ class LocalStorage:
     def _path(self, key: str) -> str:
         if not key:
             return self.root
-        return os.path.join(self.root, *_split_key(key))
+        return os.path.join(self.root, *split_key(key))
 
     def describe(self, key: str) -> str:
         return self._path(key)

@@ -7,7 +7,7 @@ import threading
 from typing import BinaryIO
 
 from torchkeep.errors import CheckpointNotFoundError, CorruptCheckpointError, InvalidArgumentError
-from torchkeep.storage.local import _split_key
+from torchkeep.storage.base import TransactionBase, split_key
 
 __all__ = ["MemoryStorage"]
 
@@ -23,7 +23,7 @@ class _MemoryFile(io.BytesIO):
         super().close()
 
 
-class _MemoryTransaction:
+class _MemoryTransaction(TransactionBase):
     def __init__(self, storage: MemoryStorage, key: str, *, directory: bool) -> None:
         self.key = key
         self._storage = storage
@@ -39,7 +39,7 @@ class _MemoryTransaction:
                 "A directory entry needs a name for each object; a single-object entry takes none."
             )
         full = f"{self.key}/{name}" if name else self.key
-        _split_key(full)
+        split_key(full)
 
         def store(data: bytes) -> None:
             self._objects[full] = data
@@ -140,7 +140,7 @@ class MemoryStorage:
         return None
 
     def begin(self, key: str, *, directory: bool) -> _MemoryTransaction:
-        _split_key(key)
+        split_key(key)
         return _MemoryTransaction(self, key, directory=directory)
 
     def delete(self, key: str) -> None:
