@@ -75,12 +75,13 @@ def test_one_tensor_reads_without_the_others(tmp_path: Path) -> None:
     data = bytearray(shard.read_bytes())
     data[first["offsets"][1] - 2] ^= 0xFF  # damage only the first tensor's frame
     shard.write_bytes(bytes(data))
-    from torchkeep.formats.native import open_native
-    from torchkeep.formats.tensors import read_arrays
+    from torchkeep.formats import open_checkpoint
+    from torchkeep.formats.source import ManifestSource
     from torchkeep.storage import LocalStorage
 
-    storage = LocalStorage(tmp_path)
-    arrays, _ = read_arrays(storage, open_native(storage, "ckpt"), verify=True, names={"second"})
+    source = open_checkpoint(LocalStorage(tmp_path), "ckpt")
+    assert isinstance(source, ManifestSource)
+    arrays, _ = source.read_arrays(verify=True, names={"second"})
     assert torch.equal(arrays["second"], state["second"])
 
 

@@ -22,7 +22,7 @@ from rich.table import Table
 import torchkeep
 from torchkeep.compare import compare_tensors, flatten_tensors
 from torchkeep.errors import TorchkeepError
-from torchkeep.formats.native import open_native
+from torchkeep.formats import open_checkpoint
 from torchkeep.info import TensorInfo, human_size
 from torchkeep.manager import read_records
 from torchkeep.retention import KeepBest, KeepLast, best_record, steps_to_delete
@@ -227,7 +227,7 @@ def ls(directory: str, keep_last: int | None, keep_best: int | None, monitor: st
         step = int(name[5:])
         key = f"{prefix}/{name}" if prefix else name
         try:
-            open_native(storage, key)
+            open_checkpoint(storage, key)
             state = "ok"
         except torchkeep.CheckpointNotFoundError:
             state = "incomplete"

@@ -8,39 +8,17 @@ from typing import Any, Union
 
 import torch
 
-from torchkeep.errors import InvalidArgumentError
-from torchkeep.formats.detect import (
-    NATIVE,
-    SAFETENSORS,
-    SAFETENSORS_SHARDED,
-    TORCH_LEGACY,
-    TORCH_ZIP,
-    detect_format,
-)
-from torchkeep.formats.native import open_native
-from torchkeep.formats.pth import crc_check, load_pth
-from torchkeep.formats.safetensors_file import open_safetensors, open_sharded_safetensors
-from torchkeep.formats.tensors import OpenedCheckpoint, read_arrays
-from torchkeep.info import CheckpointInfo, TensorInfo, VerifyReport
+from torchkeep.errors import CorruptCheckpointError, InvalidArgumentError
+from torchkeep.formats import open_checkpoint
+from torchkeep.formats.source import Source, TorchFileSource
+from torchkeep.info import CheckpointInfo, VerifyReport
 from torchkeep.storage import Storage, resolve
-from torchkeep.tree import decode_tree
 
-__all__ = ["MapLocation", "inspect", "load", "verify"]
+__all__ = ["MapLocation", "inspect", "load", "read_source", "verify"]
 
 MapLocation = Union[  # noqa: UP007 - kept readable for Python 3.10 users
     None, str, torch.device, dict[str, str], Callable[[torch.Tensor, str], torch.Tensor]
 ]
-
-_OPENERS: dict[str, Callable[[Storage, str], OpenedCheckpoint]] = {
-    NATIVE: open_native,
-    SAFETENSORS: open_safetensors,
-    SAFETENSORS_SHARDED: open_sharded_safetensors,
-}
-
-
-def open_manifest(storage: Storage, key: str, fmt: str) -> OpenedCheckpoint:
-    """Open a safetensors-based checkpoint (native, single or sharded) of the given format."""
-    return _OPENERS[fmt](storage, key)
 
 
 def _place(value: Any, saved: str, map_location: MapLocation, name: str, path: str) -> Any:
@@ -125,44 +103,33 @@ def load(
         UnsupportedFormatError: an unknown format or a newer format version.
     """
     st, key = resolve(path, storage)
-    fmt = detect_format(st, key)
-    if fmt in (TORCH_ZIP, TORCH_LEGACY):
+    return read_source(open_checkpoint(st, key), map_location=map_location, dtype=dtype, verify=verify, trust=trust)
+
+
+def read_source(
+    source: Source,
+    *,
+    map_location: MapLocation = None,
+    dtype: torch.dtype | None = None,
+    verify: bool = True,
+    trust: bool = False,
+    key: Any = None,
+) -> Any:
+    """The tree of an opened checkpoint (or its subtree under top-level ``key``), placed and cast as asked."""
+    if isinstance(source, TorchFileSource):
         ml: Any = "cpu" if map_location is None else map_location
-        obj = load_pth(st, key, zip_format=fmt == TORCH_ZIP, map_location=ml, trust=trust)
+        obj = source.read(map_location=ml, trust=trust)
+        if key is not None:
+            if not isinstance(obj, dict) or key not in obj:
+                raise CorruptCheckpointError(f"{source.path!r} holds no {key!r}.", path=source.path, key=str(key))
+            obj = obj[key]
         return _cast_tree(obj, dtype) if dtype is not None else obj
-    opened = _OPENERS[fmt](st, key)
-    arrays, _ = read_arrays(st, opened, verify=verify)
-    devices = {e.name: e.device for e in opened.manifest.tensors}
-    placed = {
-        name: _cast(_place(value, devices[name], map_location, name, opened.path), dtype)
-        for name, value in arrays.items()
-    }
-    return decode_tree(opened.manifest.tree, placed, path=opened.path)
 
+    def place(name: str, value: Any, saved: str) -> Any:
+        return _cast(_place(value, saved, map_location, name, source.path), dtype)
 
-def _torch_info(obj: Any) -> tuple[Any, list[TensorInfo]]:
-    """Replace each tensor of a loaded torch file with a TensorInfo, naming them by their path."""
-    tensors: list[TensorInfo] = []
-
-    def walk(value: Any, parts: list[str]) -> Any:
-        if isinstance(value, torch.Tensor):
-            info = TensorInfo(
-                name=".".join(parts) or "tensor",
-                kind="torch",
-                dtype=str(value.dtype).removeprefix("torch."),
-                shape=tuple(value.shape),
-                nbytes=value.numel() * value.element_size(),
-                device=str(value.device),
-            )
-            tensors.append(info)
-            return info
-        if isinstance(value, dict):
-            return {k: walk(v, [*parts, str(k)]) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return type(value)(walk(v, [*parts, str(i)]) for i, v in enumerate(value))
-        return value
-
-    return walk(obj, []), tensors
+    plain = map_location is None and dtype is None
+    return source.read_tree(verify=verify, key=key, place=None if plain else place)
 
 
 def inspect(path: str | os.PathLike[str], *, storage: Storage | None = None) -> CheckpointInfo:
@@ -172,31 +139,7 @@ def inspect(path: str | os.PathLike[str], *, storage: Storage | None = None) -> 
     (non-zip) torch file has to be read whole.
     """
     st, key = resolve(path, storage)
-    fmt = detect_format(st, key)
-    if fmt in (TORCH_ZIP, TORCH_LEGACY):
-        obj = load_pth(st, key, zip_format=fmt == TORCH_ZIP, map_location="cpu")
-        tree, tensors = _torch_info(obj)
-        return CheckpointInfo(path=st.describe(key), format=fmt, format_version=None, tree=tree, tensors=tuple(tensors))
-    opened = _OPENERS[fmt](st, key)
-    manifest = opened.manifest
-    infos = {
-        e.name: TensorInfo(
-            name=e.name, kind=e.kind, dtype=e.dtype, shape=e.shape, nbytes=e.nbytes,
-            device=e.device, shard=f"../objects/{e.shard}" if e.shard in opened.shared else (e.shard or None),
-            checksum=e.checksum or None, shared=e.shard in opened.shared,
-        )
-        for e in manifest.tensors
-    }  # fmt: skip
-    return CheckpointInfo(
-        path=opened.path,
-        format=fmt,
-        format_version=manifest.format_version if manifest.provenance else None,  # None: not written by torchkeep
-        tree=decode_tree(manifest.tree, infos, path=opened.path, placeholders=True),
-        tensors=tuple(infos.values()),
-        metadata=manifest.metadata,
-        provenance=manifest.provenance,
-        created=manifest.created or None,
-    )
+    return open_checkpoint(st, key).info()
 
 
 def verify(path: str | os.PathLike[str], *, storage: Storage | None = None) -> VerifyReport:
@@ -210,20 +153,4 @@ def verify(path: str | os.PathLike[str], *, storage: Storage | None = None) -> V
         CorruptCheckpointError: the structure is damaged.
     """
     st, key = resolve(path, storage)
-    fmt = detect_format(st, key)
-    where = st.describe(key)
-    if fmt == TORCH_ZIP:
-        nbytes = crc_check(st, key)
-        obj = load_pth(st, key, zip_format=True, map_location="cpu")
-        return VerifyReport(where, fmt, len(_torch_info(obj)[1]), nbytes, "crc32")
-    if fmt == TORCH_LEGACY:
-        obj = load_pth(st, key, zip_format=False, map_location="cpu")
-        tensors = _torch_info(obj)[1]
-        return VerifyReport(where, fmt, len(tensors), sum(t.nbytes for t in tensors), "structure")
-    opened = _OPENERS[fmt](st, key)
-    entries = opened.manifest.tensors
-    _, nbytes = read_arrays(st, opened, verify=True, build=False)
-    if all(e.checksum for e in entries):
-        return VerifyReport(where, fmt, len(entries), nbytes, "xxh3-64")
-    # No checksums to compare (a foreign file): the headers and every offset were checked.
-    return VerifyReport(where, fmt, len(entries), sum(e.nbytes for e in entries), "structure")
+    return open_checkpoint(st, key).check()

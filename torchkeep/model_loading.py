@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import os
 import re
-import threading
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, Literal, Union
 
 import numpy as np
@@ -22,18 +19,15 @@ import torch
 from torch import nn
 
 from torchkeep.compare import flatten_tree
-from torchkeep.dtypes import torch_dtype_from_name, torch_dtype_name
+from torchkeep.dtypes import torch_dtype_name
 from torchkeep.errors import ChecksumMismatchError, InvalidArgumentError, StateMismatchError
-from torchkeep.formats.compressed import read_compressed
-from torchkeep.formats.detect import TORCH_LEGACY, TORCH_ZIP, detect_format
-from torchkeep.formats.pth import load_pth
-from torchkeep.formats.shard import read_header
-from torchkeep.integrity import checksum, new_checksum
-from torchkeep.loading import MapLocation, load, open_manifest
+from torchkeep.formats import open_checkpoint
+from torchkeep.formats.source import ManifestSource, Source, StoredTensor, TorchFileSource
+from torchkeep.formats.streaming import CopyJob
+from torchkeep.loading import MapLocation, read_source
 from torchkeep.manifest import TensorEntry
 from torchkeep.report import Cast, LoadReport, Mismatch
 from torchkeep.storage import Storage, resolve
-from torchkeep.tree import decode_tree
 
 __all__ = ["Rename", "load_into"]
 
@@ -46,47 +40,6 @@ _WRAPPER_PREFIXES = (
     ("module.", "DistributedDataParallel/DataParallel"),
     ("_orig_mod.", "torch.compile"),
 )
-
-
-@dataclass(eq=False)
-class _Item:
-    """One source tensor: in memory already, or described by a manifest entry and streamed from its shard."""
-
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    tensor: torch.Tensor | None = None
-    entry: TensorEntry | None = None
-    shard_key: str = ""
-    offset: int = 0
-    compressed: bool = False
-
-
-_PIECE = 4 * 1024 * 1024
-_GPU_PIECE = 16 * 1024 * 1024
-
-
-class _Staging:
-    """One reusable buffer for tensors that cannot be read straight into their destination."""
-
-    def __init__(self) -> None:
-        self._buffer: torch.Tensor | None = None
-        self._pieces: list[torch.Tensor] = []
-
-    def pieces(self) -> list[torch.Tensor]:
-        """Two pinned buffers of one piece each, for overlapping file reads with copies to a GPU."""
-        if not self._pieces:
-            self._pieces = [torch.empty(_GPU_PIECE, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
-        return self._pieces
-
-    def take(self, nbytes: int, *, pinned: bool) -> torch.Tensor:
-        if self._buffer is None or self._buffer.numel() < nbytes or self._buffer.is_pinned() != pinned:
-            self._buffer = None  # free the old one before allocating
-            self._buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
-        return self._buffer[:nbytes]
-
-
-def _bytes_of(tensor: torch.Tensor) -> memoryview:
-    return tensor.detach().reshape(-1).view(torch.uint8).numpy().data
 
 
 def _select(tree: Any, key: str | Sequence[str | int] | None, where: str) -> Any:
@@ -169,52 +122,46 @@ def _match_keys(source: list[str], target: set[str], rename: Rename, report: Loa
     return best
 
 
-def _source_items(
-    source: Any, key: str | Sequence[str | int] | None, storage: Storage | None
-) -> tuple[dict[str, _Item | Any], str, Storage | None]:
-    """Flat source keys -> streamable items (tensors) or plain values, reading no tensor data."""
-    compressed: frozenset[str] = frozenset()
+def _open(source: Any, storage: Storage | None) -> tuple[Source | None, str]:
+    """The opened checkpoint behind ``source`` (None for an in-memory state dict) and how to name it."""
     if isinstance(source, Mapping):
-        tree, where, st = source, "the source state dict", None
-    else:
-        st, skey = resolve(source, storage)
-        fmt = detect_format(st, skey)
-        where = st.describe(skey)
-        if fmt in (TORCH_ZIP, TORCH_LEGACY):
-            tree = load_pth(st, skey, zip_format=fmt == TORCH_ZIP, map_location="cpu")
-        else:
-            opened = open_manifest(st, skey, fmt)
-            tree = decode_tree(
-                opened.manifest.tree, {e.name: e for e in opened.manifest.tensors}, path=where, placeholders=True
-            )
-            shards = {
-                name: (k, 0 if name in opened.compressed else read_header(st, k).data_start)
-                for name, k in opened.shard_keys.items()
-            }
-            compressed = opened.compressed
-    items: dict[str, _Item | Any] = {}
+        return None, "the source state dict"
+    if isinstance(source, (ManifestSource, TorchFileSource)):
+        return source, source.path
+    st, skey = resolve(source, storage)
+    opened = open_checkpoint(st, skey)
+    return opened, opened.path
+
+
+def _stream_items(
+    source: Source | None, tree: Any, key: str | Sequence[str | int] | None, where: str
+) -> dict[str, Any]:
+    """Flat source keys -> a StoredTensor (read later), a tensor in memory, or a plain value."""
+    stored = source.stored if isinstance(source, ManifestSource) else {}
+    items: dict[str, Any] = {}
     for name, leaf in flatten_tree(_select(tree, key, where)).items():
-        if isinstance(leaf, torch.Tensor):
-            items[name] = _Item(tuple(leaf.shape), leaf.dtype, tensor=leaf)
-        elif isinstance(leaf, TensorEntry) and leaf.kind == "torch":
-            shard_key, data_start = shards[leaf.shard]
-            dtype = torch_dtype_from_name(leaf.dtype, path=where, key=leaf.name)
-            items[name] = _Item(
-                leaf.shape, dtype, entry=leaf, shard_key=shard_key, offset=data_start + leaf.offsets[0],
-                compressed=leaf.shard in compressed,
-            )  # fmt: skip
+        if isinstance(leaf, TensorEntry) and leaf.kind == "torch":
+            items[name] = stored[leaf.name]
         else:
-            items[name] = leaf  # a plain value, or a numpy array's entry (modules hold none)
-    return items, where, st
+            items[name] = leaf  # a tensor in memory, a plain value, or a numpy array's entry (modules hold none)
+    return items
+
+
+def _shape_dtype(value: Any) -> tuple[tuple[int, ...], str] | None:
+    """Shape and dtype name of a tensor-like source value, None for anything a module cannot take."""
+    if isinstance(value, StoredTensor):
+        return value.entry.shape, torch_dtype_name(value.dtype)
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape), torch_dtype_name(value.dtype)
+    return None
 
 
 def _describe(value: Any) -> tuple[tuple[int, ...], str]:
-    if isinstance(value, _Item):
-        return value.shape, torch_dtype_name(value.dtype)
+    tensor_like = _shape_dtype(value)
+    if tensor_like is not None:
+        return tensor_like
     if isinstance(value, TensorEntry):
         return value.shape, f"numpy {value.dtype}"
-    if isinstance(value, torch.Tensor):
-        return tuple(value.shape), torch_dtype_name(value.dtype)
     if isinstance(value, np.ndarray):
         return tuple(value.shape), f"numpy {value.dtype.str}"
     return (), type(value).__name__
@@ -255,20 +202,11 @@ def _load_module(
 ) -> LoadReport:
     report = LoadReport()
     target = module.state_dict(keep_vars=True)
+    opened, where = _open(source, storage)
     if assign:
-        tree = (
-            source
-            if isinstance(source, Mapping)
-            else load(source, map_location=map_location, dtype=dtype, verify=verify, storage=storage)
-        )
-        where = "the source state dict" if isinstance(source, Mapping) else str(source)
-        items: dict[str, Any] = {
-            name: _Item(tuple(v.shape), v.dtype, tensor=v) if isinstance(v, torch.Tensor) else v
-            for name, v in flatten_tree(_select(tree, key, where)).items()
-        }
-        st = None
+        tree = source if opened is None else read_source(opened, map_location=map_location, dtype=dtype, verify=verify)
+        items = dict(flatten_tree(_select(tree, key, where)))
     else:
-        items, where, st = _source_items(source, key, storage)
         meta = [k for k, v in target.items() if isinstance(v, torch.Tensor) and v.is_meta]
         if meta:
             raise InvalidArgumentError(
@@ -276,6 +214,8 @@ def _load_module(
                 "copied into; pass assign=True to make the loaded tensors its parameters.",
                 key=meta[0],
             )
+        tree = source if opened is None else opened.placeholder_tree()
+        items = _stream_items(opened, tree, key, where)
     mapping = _match_keys(list(items), set(target), rename, report)
     matched: list[tuple[str, str]] = []
     for source_key, target_key in mapping.items():
@@ -285,44 +225,50 @@ def _load_module(
         matched.append((source_key, target_key))
     mapped = {t for _, t in matched}
     report.missing = [k for k in target if k not in mapped]
-    tensor_pairs: list[tuple[_Item, str]] = []
+    jobs: list[CopyJob] = []
     extras: dict[str, Any] = {}
     for source_key, target_key in matched:
         value, dest = items[source_key], target[target_key]
         if not isinstance(dest, torch.Tensor):
-            extras[target_key] = value.tensor if isinstance(value, _Item) else value
+            extras[target_key] = value
             continue
         found_shape, found_dtype = _describe(value)
-        if not isinstance(value, _Item) or found_shape != tuple(dest.shape):
+        if _shape_dtype(value) is None or found_shape != tuple(dest.shape):
             report.mismatched.append(
                 Mismatch(target_key, tuple(dest.shape), torch_dtype_name(dest.dtype), found_shape, found_dtype)
             )
             if on_mismatch == "skip":
                 report.skipped.append(target_key)
             continue
-        tensor_pairs.append((value, target_key))
+        jobs.append(CopyJob(value, dest, target_key))
     _raise_if_blocked(report, strict=strict, on_mismatch=on_mismatch, where=where, target=type(module).__name__)
 
     if assign:
         assigned = {}
-        for item, target_key in tensor_pairs:
-            tensor, dest = item.tensor, target[target_key]
-            assert tensor is not None
-            if dtype is None and tensor.dtype != dest.dtype:
-                report.cast.append(Cast(target_key, torch_dtype_name(tensor.dtype), torch_dtype_name(dest.dtype)))
-                tensor = tensor.to(dest.dtype)
-            assigned[target_key] = tensor
-            report.loaded.append(target_key)
+        for job in jobs:
+            tensor = job.source
+            assert isinstance(tensor, torch.Tensor)
+            if dtype is None and tensor.dtype != job.dest.dtype:
+                report.cast.append(Cast(job.key, torch_dtype_name(tensor.dtype), torch_dtype_name(job.dest.dtype)))
+                tensor = tensor.to(job.dest.dtype)
+            assigned[job.key] = tensor
+            report.loaded.append(job.key)
         module.load_state_dict({**assigned, **extras}, strict=False, assign=True)
         return report
 
-    for item, target_key in tensor_pairs:
-        dest = target[target_key]
-        if item.dtype != dest.dtype:
-            report.cast.append(Cast(target_key, torch_dtype_name(item.dtype), torch_dtype_name(dest.dtype)))
-    bad = _copy_all(st, tensor_pairs, target, verify)
-    report.loaded.extend(k for _, k in tensor_pairs if k not in bad)
-    damaged = [k for _, k in tensor_pairs if k in bad]
+    for job in jobs:
+        found = job.source.dtype
+        if found != job.dest.dtype:
+            report.cast.append(Cast(job.key, torch_dtype_name(found), torch_dtype_name(job.dest.dtype)))
+    if opened is None:
+        with torch.no_grad():
+            for job in jobs:
+                job.dest.copy_(job.source)  # type: ignore[arg-type]  # in-memory sources hold tensors
+        bad: set[str] = set()
+    else:
+        bad = opened.stream_into(jobs, verify=verify)
+    report.loaded.extend(job.key for job in jobs if job.key not in bad)
+    damaged = [job.key for job in jobs if job.key in bad]
     if extras:
         module.load_state_dict(extras, strict=False)
         report.loaded.extend(extras)
@@ -335,161 +281,6 @@ def _load_module(
             damaged=damaged,
         )
     return report
-
-
-def _direct(item: _Item, dest: torch.Tensor) -> bool:
-    """Whether the file's bytes can be read straight into ``dest``'s memory."""
-    return (
-        item.entry is not None
-        and not item.compressed  # a compressed frame must be decompressed first
-        and dest.device.type == "cpu"
-        and dest.dtype == item.dtype
-        and dest.is_contiguous()
-    )
-
-
-def _copy_all(
-    storage: Storage | None, pairs: list[tuple[_Item, str]], target: dict[str, Any], verify: bool
-) -> set[str]:
-    """Copy every source tensor into its target tensor; return the keys whose bytes failed their checksum.
-
-    Reads that land straight in a parameter's memory need no buffer, so they run
-    on several threads in chunks, then the checksums are taken in place, also on
-    several threads (file reads and xxhash release the GIL). The rest go one at
-    a time through a single reused staging buffer.
-    """
-    pairs = sorted(pairs, key=lambda pair: (pair[0].shard_key, pair[0].offset))  # front to back in each file
-    unique: dict[tuple[int, int], tuple[_Item, str]] = {}
-    for item, key in pairs:  # a tied weight appears under several keys: fill it once
-        unique.setdefault((id(item), id(target[key])), (item, key))
-    pairs = list(unique.values())
-    direct = [(item, key) for item, key in pairs if _direct(item, target[key])]
-    staged = [(item, key) for item, key in pairs if not _direct(item, target[key])]
-    damaged: set[str] = set()
-    if direct:
-        assert storage is not None
-        # Largest first, so the threads finish together.
-        jobs = sorted(direct, key=lambda pair: -(pair[0].entry.nbytes if pair[0].entry else 0))
-        workers = min(4, os.cpu_count() or 1, len(jobs))
-
-        def run(pair: tuple[_Item, str]) -> str | None:
-            item, key = pair
-            assert item.entry is not None
-            return _read_and_check(storage, item, _bytes_of(target[key]), key, verify)
-
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="torchkeep-load") as pool:
-            damaged.update(key for key in pool.map(run, jobs) if key is not None)
-    to_gpu = [(item, key) for item, key in staged if _streams_to_gpu(item, target[key])]
-    if to_gpu:
-        assert storage is not None
-        # Several tensors at once, each thread with its own pinned pieces and CUDA stream.
-        local = threading.local()
-
-        def send(pair: tuple[_Item, str]) -> str | None:
-            item, key = pair
-            if not hasattr(local, "staging"):
-                local.staging = _Staging()
-                local.stream = torch.cuda.Stream(target[key].device)
-            with torch.cuda.stream(local.stream):
-                ok = _copy_to_gpu(storage, item, target[key], local.staging, verify)
-            return None if ok else key
-
-        workers = min(8, os.cpu_count() or 1, len(to_gpu))
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="torchkeep-load-gpu") as pool:
-            damaged.update(key for key in pool.map(send, to_gpu) if key is not None)
-    staging = _Staging()
-    with torch.no_grad():
-        for item, key in staged:
-            if _streams_to_gpu(item, target[key]):
-                continue
-            if not _copy_staged(storage, item, target[key], staging, verify):
-                damaged.add(key)
-    return damaged
-
-
-def _read_and_check(storage: Storage, item: _Item, view: memoryview, key: str, verify: bool) -> str | None:
-    """Read bytes straight into a tensor's memory; the key if they fail their checksum, else None.
-
-    The checksum is updated piece by piece right after each piece is read,
-    while the bytes are still in the CPU cache.
-    """
-    entry = item.entry
-    assert entry is not None
-    check = verify and bool(entry.checksum)
-    digest = new_checksum()
-    for start in range(0, len(view), _PIECE):
-        piece = view[start : start + _PIECE]
-        storage.read_into(item.shard_key, item.offset + start, piece)
-        if check:
-            digest.update(piece)
-    return key if check and digest.hexdigest() != entry.checksum else None
-
-
-def _copy_staged(storage: Storage | None, item: _Item, dest: torch.Tensor, staging: _Staging, verify: bool) -> bool:
-    """Copy through a staging buffer (another device or dtype); False if the bytes are damaged.
-
-    A damaged tensor leaves ``dest`` untouched, except when it was streamed to a GPU in pieces.
-    """
-    if item.tensor is not None:
-        dest.copy_(item.tensor)
-        return True
-    entry = item.entry
-    assert entry is not None and storage is not None
-    if entry.nbytes == 0:
-        return True
-    if item.compressed:
-        data = read_compressed(storage, item.shard_key, entry, path=storage.describe(item.shard_key))
-        if verify and entry.checksum and checksum(data) != entry.checksum:
-            return False
-        dest.copy_(torch.frombuffer(data, dtype=torch.uint8).view(item.dtype).reshape(item.shape))
-        return True
-    buffer = staging.take(entry.nbytes, pinned=dest.device.type == "cuda")
-    view = _bytes_of(buffer)
-    storage.read_into(item.shard_key, item.offset, view)
-    if verify and entry.checksum and checksum(view) != entry.checksum:
-        return False  # dest keeps its value
-    dest.copy_(buffer.view(item.dtype).reshape(item.shape))
-    return True
-
-
-def _streams_to_gpu(item: _Item, dest: torch.Tensor) -> bool:
-    """Whether the tensor goes to a GPU tensor of its own dtype, in pieces through pinned buffers."""
-    return (
-        item.entry is not None
-        and not item.compressed
-        and dest.device.type == "cuda"
-        and dest.dtype == item.dtype
-        and dest.is_contiguous()
-    )
-
-
-def _copy_to_gpu(storage: Storage, item: _Item, dest: torch.Tensor, staging: _Staging, verify: bool) -> bool:
-    """Stream a tensor to the GPU in pieces through two pinned buffers, reading one while the other copies.
-
-    Like a direct read, the bytes land before their checksum is known: on a
-    mismatch ``dest`` holds them, and the caller reports the tensor as damaged.
-    """
-    entry = item.entry
-    assert entry is not None
-    target = dest.detach().reshape(-1).view(torch.uint8)
-    buffers = staging.pieces()
-    stream = torch.cuda.current_stream(dest.device)  # the thread's own stream (see _copy_all)
-    events = [torch.cuda.Event(), torch.cuda.Event()]
-    digest = new_checksum()
-    for index, start in enumerate(range(0, entry.nbytes, _GPU_PIECE)):
-        slot = index % 2
-        if index >= 2:
-            events[slot].synchronize()  # the copy out of this buffer has finished
-        n = min(_GPU_PIECE, entry.nbytes - start)
-        piece = buffers[slot][:n]
-        view = _bytes_of(piece)
-        storage.read_into(item.shard_key, item.offset + start, view)
-        if verify:
-            digest.update(view)
-        target[start : start + n].copy_(piece, non_blocking=True)
-        events[slot].record(stream)
-    stream.synchronize()
-    return not verify or not entry.checksum or digest.hexdigest() == entry.checksum
 
 
 def _check_optimizer(optimizer: torch.optim.Optimizer, state: Any, where: str, report: LoadReport) -> None:
@@ -600,12 +391,8 @@ def load_into(
         raise InvalidArgumentError(
             f"Cannot load into a {type(target).__name__}: it needs state_dict() and load_state_dict()."
         )
-    where = "the source state dict" if isinstance(source, Mapping) else str(source)
-    tree = (
-        source
-        if isinstance(source, Mapping)
-        else load(source, map_location=map_location, dtype=dtype, verify=verify, storage=storage)
-    )
+    opened, where = _open(source, storage)
+    tree = source if opened is None else read_source(opened, map_location=map_location, dtype=dtype, verify=verify)
     state = _select(tree, key, where)
     report = LoadReport()
     if isinstance(target, torch.optim.Optimizer):

@@ -25,7 +25,7 @@ import torch
 from torchkeep.dtypes import check_savable_dtype, torch_dtype_from_name, torch_dtype_name
 from torchkeep.errors import CorruptCheckpointError, UnsupportedObjectError
 
-__all__ = ["ArrayLeaf", "decode_tree", "encode_tree", "location"]
+__all__ = ["ArrayLeaf", "decode_tree", "encode_tree", "location", "select_node", "tensor_names"]
 
 MAX_DEPTH = 256
 _PLAIN = (type(None), bool, int, str)
@@ -290,3 +290,31 @@ def decode_tree(node: Any, arrays: Mapping[str, Any], *, path: str | None = None
         CorruptCheckpointError: the node is malformed or names a missing array.
     """
     return _Decoder(arrays, path, placeholders).decode(node, [])
+
+
+def select_node(node: Any, key: Any, *, path: str | None = None) -> Any:
+    """The JSON node under top-level ``key`` of an encoded dict, without decoding anything else.
+
+    Raises:
+        CorruptCheckpointError: the tree is not a dict or has no such key.
+    """
+    if type(node) is dict and node.get("t") in ("dict", "odict"):
+        for item in node.get("items", []):
+            if isinstance(item, list) and len(item) == 2 and item[0] == key:
+                return item[1]
+    raise CorruptCheckpointError(f"The tree in {path!r} holds no {key!r}.", path=path, key=str(key))
+
+
+def tensor_names(node: Any) -> set[str]:
+    """The names of every tensor and array an encoded (sub)tree refers to."""
+    names: set[str] = set()
+    stack = [node]
+    while stack:
+        current = stack.pop()
+        if type(current) is dict:
+            if current.get("t") in ("tensor", "ndarray") and isinstance(current.get("name"), str):
+                names.add(current["name"])
+            stack.extend(current.values())
+        elif type(current) is list:
+            stack.extend(current)
+    return names

@@ -2,23 +2,42 @@
 
 from __future__ import annotations
 
+import enum
+
 from torchkeep.errors import CheckpointNotFoundError, UnsafeCheckpointError, UnsupportedFormatError
 from torchkeep.manifest import MANIFEST_NAME
 from torchkeep.storage import Storage
 
-__all__ = ["NATIVE", "SAFETENSORS", "SAFETENSORS_SHARDED", "TORCH_LEGACY", "TORCH_ZIP", "detect_format"]
+__all__ = ["Format", "detect_format"]
 
-NATIVE = "torchkeep"
-SAFETENSORS = "safetensors"
-SAFETENSORS_SHARDED = "safetensors-sharded"
-TORCH_ZIP = "torch-zip"
-TORCH_LEGACY = "torch-legacy"
+
+class Format(str, enum.Enum):
+    """The formats torchkeep reads; the value is the name ``inspect`` and the CLI show."""
+
+    NATIVE = "torchkeep"
+    SAFETENSORS = "safetensors"
+    SAFETENSORS_SHARDED = "safetensors-sharded"
+    TORCH_ZIP = "torch-zip"
+    TORCH_LEGACY = "torch-legacy"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @classmethod
+    def for_path(cls, key: str) -> Format:
+        """The format a path asks for by its name when saving: a suffix picks a single file."""
+        if key.endswith(".safetensors"):
+            return cls.SAFETENSORS
+        if key.endswith((".pth", ".pt")):
+            return cls.TORCH_ZIP
+        return cls.NATIVE
+
 
 # torch's legacy (non-zip) files open with its magic number pickled at protocol 2.
 _TORCH_LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 
 
-def detect_format(storage: Storage, key: str) -> str:
+def detect_format(storage: Storage, key: str) -> Format:
     """Which format the entry at ``key`` is in.
 
     Raises:
@@ -31,9 +50,9 @@ def detect_format(storage: Storage, key: str) -> str:
     if storage.is_dir(key):
         names = storage.list(key)
         if MANIFEST_NAME in names:
-            return NATIVE
+            return Format.NATIVE
         if sum(n.endswith(".safetensors.index.json") for n in names) == 1:
-            return SAFETENSORS_SHARDED
+            return Format.SAFETENSORS_SHARDED
         raise CheckpointNotFoundError(
             f"{path!r} is a directory without {MANIFEST_NAME}, so it is not a committed checkpoint "
             "(an interrupted save leaves none). Load a checkpoint directory, a file, or a "
@@ -41,12 +60,12 @@ def detect_format(storage: Storage, key: str) -> str:
             path=path,
         )
     if key.endswith(".safetensors.index.json"):
-        return SAFETENSORS_SHARDED
+        return Format.SAFETENSORS_SHARDED
     head = storage.read(key, 0, 16)
     if head[:4] == b"PK\x03\x04":
-        return TORCH_ZIP
+        return Format.TORCH_ZIP
     if head.startswith(_TORCH_LEGACY_MAGIC):
-        return TORCH_LEGACY
+        return Format.TORCH_LEGACY
     if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
         raise UnsafeCheckpointError(
             f"{path!r} is a plain pickle, not a torch or safetensors file; torchkeep never unpickles "
@@ -54,12 +73,12 @@ def detect_format(storage: Storage, key: str) -> str:
             path=path,
         )
     if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") > 1:
-        return SAFETENSORS
+        return Format.SAFETENSORS
     # The bytes match nothing: trust the name, so that a damaged file gets its format's error.
     if key.endswith(".safetensors"):
-        return SAFETENSORS
+        return Format.SAFETENSORS
     if key.endswith((".pth", ".pt")):
-        return TORCH_ZIP
+        return Format.TORCH_ZIP
     raise UnsupportedFormatError(
         f"{path!r} is not a checkpoint torchkeep can read (first bytes {head[:8]!r}); it reads native "
         "checkpoint directories, .safetensors (single or sharded with an index) and torch .pth/.pt files.",

@@ -8,11 +8,12 @@ from typing import Any
 from torchkeep.compression import Compression
 from torchkeep.errors import CheckpointNotFoundError, CorruptCheckpointError
 from torchkeep.formats.compressed import write_compressed_shard
+from torchkeep.formats.detect import Format
 from torchkeep.formats.objects import OBJECTS, is_object_name, store_object
 from torchkeep.formats.shard import PlannedTensor, tree_order, write_shard
-from torchkeep.formats.tensors import OpenedCheckpoint
+from torchkeep.formats.source import ManifestSource
 from torchkeep.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, ShardEntry, TensorEntry
-from torchkeep.storage import Storage
+from torchkeep.storage import Storage, join_key, parent_key
 
 __all__ = ["DEFAULT_MAX_SHARD_SIZE", "open_native", "read_manifest", "write_native"]
 
@@ -102,7 +103,7 @@ def read_manifest(storage: Storage, key: str) -> Manifest:
         UnsupportedFormatError: the manifest is from a newer format version.
     """
     path = storage.describe(key)
-    manifest_key = f"{key}/{MANIFEST_NAME}"
+    manifest_key = join_key(key, MANIFEST_NAME)
     if not storage.exists(manifest_key):
         raise CheckpointNotFoundError(
             f"{path!r} has no {MANIFEST_NAME}, so it is not a committed checkpoint "
@@ -123,7 +124,7 @@ def read_manifest(storage: Storage, key: str) -> Manifest:
     return Manifest.from_bytes(storage.read(manifest_key), path=path)
 
 
-def open_native(storage: Storage, key: str) -> OpenedCheckpoint:
+def open_native(storage: Storage, key: str) -> ManifestSource:
     """Read and validate the manifest of the native checkpoint at ``key``.
 
     Raises:
@@ -134,7 +135,7 @@ def open_native(storage: Storage, key: str) -> OpenedCheckpoint:
     path = storage.describe(key)
     manifest = read_manifest(storage, key)
     shard_keys = {}
-    parent = key.rsplit("/", 1)[0] if "/" in key else ""
+    parent = parent_key(key)
     for shard in manifest.shards:
         if shard.shared and not is_object_name(shard.file):
             raise CorruptCheckpointError(
@@ -146,10 +147,7 @@ def open_native(storage: Storage, key: str) -> OpenedCheckpoint:
                 f"The manifest of {path!r} names shard {shard.file!r}, which is not a file inside the checkpoint.",
                 path=path,
             )
-        if shard.shared:
-            shard_key = f"{parent}/{OBJECTS}/{shard.file}" if parent else f"{OBJECTS}/{shard.file}"
-        else:
-            shard_key = f"{key}/{shard.file}"
+        shard_key = join_key(parent, OBJECTS, shard.file) if shard.shared else join_key(key, shard.file)
         if not storage.exists(shard_key):
             raise CorruptCheckpointError(
                 f"Shard {shard.file!r} of {path!r} is missing; the checkpoint is incomplete.", path=path
@@ -171,6 +169,4 @@ def open_native(storage: Storage, key: str) -> OpenedCheckpoint:
         shard_keys[shard.file] = shard_key
     compressed = frozenset(s.file for s in manifest.shards if s.compression)
     shared = frozenset(s.file for s in manifest.shards if s.shared)
-    return OpenedCheckpoint(
-        format="torchkeep", path=path, manifest=manifest, shard_keys=shard_keys, compressed=compressed, shared=shared
-    )
+    return ManifestSource(Format.NATIVE, path, storage, manifest, shard_keys, compressed=compressed, shared=shared)

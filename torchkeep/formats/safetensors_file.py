@@ -12,10 +12,11 @@ from typing import Any
 
 from torchkeep.dtypes import torch_dtype_from_code, torch_dtype_name
 from torchkeep.errors import CorruptCheckpointError
+from torchkeep.formats.detect import Format
 from torchkeep.formats.shard import PlannedTensor, ShardHeader, read_header, tree_order, write_shard
-from torchkeep.formats.tensors import OpenedCheckpoint
+from torchkeep.formats.source import ManifestSource
 from torchkeep.manifest import MAX_MANIFEST_BYTES, Manifest, TensorEntry, strict_json
-from torchkeep.storage import Storage
+from torchkeep.storage import Storage, join_key, parent_key
 
 __all__ = ["open_safetensors", "open_sharded_safetensors", "write_safetensors"]
 
@@ -58,7 +59,7 @@ def _flat_tree(names: list[str]) -> dict[str, Any]:
     return {"t": "odict", "items": [[name, {"t": "tensor", "name": name}] for name in names]}
 
 
-def open_safetensors(storage: Storage, key: str) -> OpenedCheckpoint:
+def open_safetensors(storage: Storage, key: str) -> ManifestSource:
     """Open a single safetensors file, torchkeep's or anyone's."""
     path = storage.describe(key)
     header = read_header(storage, key)
@@ -67,7 +68,7 @@ def open_safetensors(storage: Storage, key: str) -> OpenedCheckpoint:
         if len(embedded) > MAX_MANIFEST_BYTES:
             raise CorruptCheckpointError(f"The manifest inside {path!r} is too large.", path=path)
         manifest = Manifest.from_bytes(embedded.encode("utf-8"), path=path)
-        return OpenedCheckpoint(format="safetensors", path=path, manifest=manifest, shard_keys={"": key})
+        return ManifestSource(Format.SAFETENSORS, path, storage, manifest, {"": key})
     entries = _foreign_entries(header, "")
     manifest = Manifest(
         tree=_flat_tree([e.name for e in entries]),
@@ -77,18 +78,18 @@ def open_safetensors(storage: Storage, key: str) -> OpenedCheckpoint:
         created="",
         provenance={},
     )
-    return OpenedCheckpoint(format="safetensors", path=path, manifest=manifest, shard_keys={"": key})
+    return ManifestSource(Format.SAFETENSORS, path, storage, manifest, {"": key})
 
 
-def open_sharded_safetensors(storage: Storage, key: str) -> OpenedCheckpoint:
+def open_sharded_safetensors(storage: Storage, key: str) -> ManifestSource:
     """Open a sharded safetensors model by its index file or the directory holding it."""
     if storage.is_dir(key):
         indexes = [n for n in storage.list(key) if n.endswith(".safetensors.index.json")]
-        index_key = f"{key}/{indexes[0]}"
+        index_key = join_key(key, indexes[0])
         base = key
     else:
         index_key = key
-        base = key.rsplit("/", 1)[0] if "/" in key else ""
+        base = parent_key(key)
     path = storage.describe(index_key)
     if storage.size(index_key) > MAX_MANIFEST_BYTES:
         raise CorruptCheckpointError(f"The index {path!r} is too large.", path=path)
@@ -109,7 +110,7 @@ def open_sharded_safetensors(storage: Storage, key: str) -> OpenedCheckpoint:
     entries: list[TensorEntry] = []
     shard_keys = {}
     for file, names in by_file.items():
-        shard_key = f"{base}/{file}" if base else file
+        shard_key = join_key(base, file)
         header = read_header(storage, shard_key)
         missing = [n for n in names if n not in header.tensors]
         if missing:
@@ -130,4 +131,4 @@ def open_sharded_safetensors(storage: Storage, key: str) -> OpenedCheckpoint:
         created="",
         provenance={},
     )
-    return OpenedCheckpoint(format="safetensors-sharded", path=path, manifest=manifest, shard_keys=shard_keys)
+    return ManifestSource(Format.SAFETENSORS_SHARDED, path, storage, manifest, shard_keys)

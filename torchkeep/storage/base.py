@@ -28,11 +28,13 @@ Until ``commit`` returns, readers see the previous entry (or none) and
 from __future__ import annotations
 
 from types import TracebackType
-from typing import BinaryIO, Protocol, runtime_checkable
+from typing import BinaryIO, Protocol, TypeVar, runtime_checkable
 
 from torchkeep.errors import InvalidArgumentError
 
 __all__ = ["Storage", "Transaction", "TransactionBase", "join_key", "parent_key", "split_key"]
+
+_T = TypeVar("_T", bound="TransactionBase")
 
 
 def split_key(key: str) -> list[str]:
@@ -98,7 +100,7 @@ class TransactionBase:
     def abort(self) -> None:
         raise NotImplementedError
 
-    def __enter__(self) -> TransactionBase:
+    def __enter__(self: _T) -> _T:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:

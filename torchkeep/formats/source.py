@@ -1,0 +1,325 @@
+"""What an opened checkpoint offers every reader: its tree, its tensors, mapped or streamed, verified.
+
+Each format has one opener (see :data:`torchkeep.formats.OPENERS`) that turns
+a storage key into a source:
+
+- :class:`ManifestSource` for the safetensors-based formats (native
+  directories with their plain, compressed and shared shards, single
+  ``.safetensors`` files, sharded ones with an index): a manifest, real or
+  made up from the headers, says where every tensor's bytes are;
+- :class:`TorchFileSource` for torch zip and legacy files, which torch's
+  restricted unpickler has to read.
+
+``load``, ``inspect``, ``verify``, ``load_into`` and the manager's ``restore``
+all read through a source, so each rule about a format lives in one place.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from torchkeep.errors import ChecksumMismatchError, CorruptCheckpointError
+from torchkeep.formats.compressed import read_compressed
+from torchkeep.formats.detect import Format
+from torchkeep.formats.objects import OBJECT_TENSOR
+from torchkeep.formats.pth import crc_check, load_pth
+from torchkeep.formats.shard import materialize, read_header
+from torchkeep.formats.streaming import CopyJob, copy_into
+from torchkeep.info import CheckpointInfo, TensorInfo, VerifyReport
+from torchkeep.integrity import checksum
+from torchkeep.manifest import Manifest, TensorEntry
+from torchkeep.storage import Storage
+from torchkeep.tree import decode_tree, select_node, tensor_names
+
+__all__ = ["ManifestSource", "Place", "Source", "StoredTensor", "TorchFileSource", "checksums"]
+
+#: ``place(name, array, saved_device) -> array``: where a reader wants each array before the tree is rebuilt.
+Place = Callable[[str, Any, str], Any]
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where one tensor's bytes are: a range of a mapped shard, or a zstd frame of a compressed one."""
+
+    entry: TensorEntry
+    shard_key: str
+    start: int  # the first byte in the shard: of the data (mapped) or of the frame (compressed)
+    compressed: bool
+
+    @property
+    def dtype(self) -> torch.dtype:
+        from torchkeep.dtypes import torch_dtype_from_name
+
+        return torch_dtype_from_name(self.entry.dtype, key=self.entry.name)
+
+
+def _damaged_error(path: str, damaged: list[str]) -> ChecksumMismatchError:
+    listed = ", ".join(repr(n) for n in damaged[:20]) + (f" and {len(damaged) - 20} more" if len(damaged) > 20 else "")
+    return ChecksumMismatchError(
+        f"{path!r} is damaged: {len(damaged)} tensor(s) fail their checksum: {listed}. "
+        "Restore the checkpoint from a good copy, or load an earlier one.",
+        path=path,
+        damaged=damaged,
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class ManifestSource:
+    """A safetensors-based checkpoint whose manifest has been read and checked against its shards.
+
+    Foreign safetensors files get a manifest made up from their headers, with
+    empty checksums (they carry none).
+    """
+
+    format: Format
+    path: str
+    storage: Storage
+    manifest: Manifest
+    shard_keys: dict[str, str]
+    compressed: frozenset[str] = frozenset()  # shards of zstd frames rather than safetensors
+    shared: frozenset[str] = frozenset()  # one-tensor shards in the manager's object folder
+
+    # -- describing ---------------------------------------------------------------------------
+
+    def placeholder_tree(self, node: Any = None) -> Any:
+        """The tree (or the subtree ``node`` of its JSON) with each tensor's :class:`TensorEntry` in its place."""
+        entries = {e.name: e for e in self.manifest.tensors}
+        return decode_tree(self.manifest.tree if node is None else node, entries, path=self.path, placeholders=True)
+
+    def top_level_names(self) -> list[Any] | None:
+        """The keys of the tree's top-level dict, read from the JSON alone; None when it is not a dict."""
+        tree = self.manifest.tree
+        if isinstance(tree, dict) and tree.get("t") in ("dict", "odict"):
+            return [item[0] for item in tree.get("items", []) if isinstance(item, list) and item]
+        return None
+
+    def info(self) -> CheckpointInfo:
+        manifest = self.manifest
+        infos = {
+            e.name: TensorInfo(
+                name=e.name, kind=e.kind, dtype=e.dtype, shape=e.shape, nbytes=e.nbytes, device=e.device,
+                shard=f"../objects/{e.shard}" if e.shard in self.shared else (e.shard or None),
+                checksum=e.checksum or None, shared=e.shard in self.shared,
+            )
+            for e in manifest.tensors
+        }  # fmt: skip
+        return CheckpointInfo(
+            path=self.path,
+            format=self.format,
+            format_version=manifest.format_version if manifest.provenance else None,  # None: not written by us
+            tree=decode_tree(manifest.tree, infos, path=self.path, placeholders=True),
+            tensors=tuple(infos.values()),
+            metadata=manifest.metadata,
+            provenance=manifest.provenance,
+            created=manifest.created or None,
+        )
+
+    @functools.cached_property
+    def stored(self) -> dict[str, StoredTensor]:
+        """Every tensor by name with where its bytes are, checked against its shard's header."""
+        headers: dict[str, Any] = {}
+        located: dict[str, StoredTensor] = {}
+        for entry in self.manifest.tensors:
+            key = self.shard_keys.get(entry.shard)
+            if key is None:
+                raise CorruptCheckpointError(
+                    f"Tensor {entry.name!r} in {self.path!r} points to shard {entry.shard!r}, "
+                    "which the checkpoint does not list.",
+                    path=self.path,
+                    key=entry.name,
+                )
+            if entry.shard in self.compressed:
+                located[entry.name] = StoredTensor(entry, key, entry.offsets[0], compressed=True)
+                continue
+            if key not in headers:
+                headers[key] = read_header(self.storage, key)
+            header = headers[key]
+            on_disk = header.tensors.get(OBJECT_TENSOR if entry.shard in self.shared else entry.name)
+            if on_disk is None or list(on_disk["data_offsets"]) != list(entry.offsets):
+                raise CorruptCheckpointError(
+                    f"Tensor {entry.name!r} is described differently by the manifest and by shard "
+                    f"{self.storage.describe(key)!r}; the checkpoint is damaged.",
+                    path=self.storage.describe(key),
+                    key=entry.name,
+                )
+            if entry.offsets[1] - entry.offsets[0] != entry.nbytes:
+                raise CorruptCheckpointError(
+                    f"Tensor {entry.name!r} in {self.path!r} spans {entry.offsets[1] - entry.offsets[0]} bytes "
+                    f"but should hold {entry.nbytes}; the manifest is damaged.",
+                    path=self.path,
+                    key=entry.name,
+                )
+            located[entry.name] = StoredTensor(entry, key, header.data_start + entry.offsets[0], compressed=False)
+        return located
+
+    # -- mapping ------------------------------------------------------------------------------
+
+    def read_arrays(
+        self, *, verify: bool, build: bool = True, names: Iterable[str] | None = None
+    ) -> tuple[dict[str, torch.Tensor | np.ndarray], int]:
+        """Map the shards and view each tensor in place, checking checksums when ``verify``.
+
+        Compressed tensors are decompressed into private memory one at a time.
+        With ``build=False`` only the checks run (what ``verify`` needs). Every
+        damaged tensor is collected before raising, so one error names them all.
+
+        Returns:
+            The arrays by name and the number of bytes checked.
+
+        Raises:
+            ChecksumMismatchError: one or more tensors' bytes do not match their checksums.
+            CorruptCheckpointError: a shard is missing, truncated or disagrees with the manifest.
+        """
+        wanted = None if names is None else set(names)
+        stored = [s for s in self.stored.values() if wanted is None or s.entry.name in wanted]
+        stored.sort(key=lambda s: (s.shard_key, s.start))  # front to back in each file
+        buffers: dict[str, memoryview] = {}
+        mapped: list[tuple[StoredTensor, memoryview]] = []
+        for s in stored:
+            if not s.compressed:
+                if s.shard_key not in buffers:
+                    buffers[s.shard_key] = self.storage.map(s.shard_key)
+                mapped.append((s, buffers[s.shard_key]))
+        checked = [(s, buf) for s, buf in mapped if verify and s.entry.checksum]
+        digests = checksums([buf[s.start : s.start + s.entry.nbytes] for s, buf in checked])
+        damaged = [s.entry.name for (s, _), digest in zip(checked, digests, strict=True) if digest != s.entry.checksum]
+        checked_bytes = sum(s.entry.nbytes for s, _ in checked)
+        arrays: dict[str, torch.Tensor | np.ndarray] = {}
+        for s in (s for s in stored if s.compressed):  # read, decompress and check one tensor at a time
+            data = read_compressed(self.storage, s.shard_key, s.entry, path=self.path)
+            if verify and s.entry.checksum:
+                if checksum(data) != s.entry.checksum:
+                    damaged.append(s.entry.name)
+                    continue
+                checked_bytes += s.entry.nbytes
+            if build:
+                arrays[s.entry.name] = materialize(data, 0, s.entry, path=self.path)
+        if damaged:
+            raise _damaged_error(self.path, damaged)
+        if build:
+            for s, buf in mapped:
+                arrays[s.entry.name] = materialize(buf, s.start, s.entry, path=self.path)
+        return arrays, checked_bytes
+
+    def read_tree(self, *, verify: bool, key: Any = None, place: Place | None = None) -> Any:
+        """The tree, or its subtree under top-level ``key``, with its tensors mapped from the shards.
+
+        ``place(name, array, saved_device)`` may move or cast each array before
+        the tree is rebuilt (so a tensor stored once stays one tensor).
+        """
+        node = self.manifest.tree if key is None else select_node(self.manifest.tree, key, path=self.path)
+        names = tensor_names(node)
+        arrays, _ = self.read_arrays(verify=verify, names=names)
+        if place is not None:
+            devices = {e.name: e.device for e in self.manifest.tensors}
+            arrays = {name: place(name, value, devices[name]) for name, value in arrays.items()}
+        return decode_tree(node, arrays, path=self.path)
+
+    def check(self) -> VerifyReport:
+        """Re-read every byte and compare it with its checksum (``torchkeep.verify``)."""
+        entries = self.manifest.tensors
+        _, nbytes = self.read_arrays(verify=True, build=False)
+        if all(e.checksum for e in entries):
+            return VerifyReport(self.path, self.format, len(entries), nbytes, "xxh3-64")
+        # No checksums to compare (a foreign file): the headers and every offset were checked.
+        return VerifyReport(self.path, self.format, len(entries), sum(e.nbytes for e in entries), "structure")
+
+    # -- streaming ----------------------------------------------------------------------------
+
+    def stream_into(self, jobs: list[CopyJob], *, verify: bool) -> set[str]:
+        """Copy stored tensors into destination tensors; return the keys whose bytes failed their checksum."""
+        return copy_into(self.storage, jobs, verify=verify)
+
+
+@dataclass(eq=False)
+class TorchFileSource:
+    """A torch zip or legacy file, read only through the pickle scan and torch's ``weights_only`` unpickler."""
+
+    format: Format
+    path: str
+    storage: Storage
+    key: str
+
+    def read(self, *, map_location: Any = "cpu", trust: bool = False) -> Any:
+        """Unpickle the file (scanned first; zip files are memory-mapped where the storage allows)."""
+        return load_pth(
+            self.storage, self.key, zip_format=self.format == Format.TORCH_ZIP, map_location=map_location, trust=trust
+        )
+
+    @functools.cached_property
+    def _tree(self) -> Any:
+        return self.read()
+
+    def placeholder_tree(self, node: Any = None) -> Any:
+        """The unpickled tree; its tensors are real (on the CPU), not placeholders."""
+        return self._tree
+
+    def top_level_names(self) -> list[Any] | None:
+        tree = self._tree
+        return list(tree) if isinstance(tree, Mapping) else None
+
+    def info(self) -> CheckpointInfo:
+        tree, tensors = _torch_info(self._tree)
+        return CheckpointInfo(
+            path=self.path, format=self.format, format_version=None, tree=tree, tensors=tuple(tensors)
+        )
+
+    def check(self) -> VerifyReport:
+        if self.format == Format.TORCH_ZIP:
+            nbytes = crc_check(self.storage, self.key)
+            return VerifyReport(self.path, self.format, len(_torch_info(self._tree)[1]), nbytes, "crc32")
+        tensors = _torch_info(self._tree)[1]
+        return VerifyReport(self.path, self.format, len(tensors), sum(t.nbytes for t in tensors), "structure")
+
+    def stream_into(self, jobs: list[CopyJob], *, verify: bool) -> set[str]:
+        return copy_into(self.storage, jobs, verify=verify)
+
+
+#: What an opener returns.
+Source = ManifestSource | TorchFileSource
+
+
+def _torch_info(obj: Any) -> tuple[Any, list[TensorInfo]]:
+    """Replace each tensor of a loaded torch file with a TensorInfo, naming them by their path."""
+    tensors: list[TensorInfo] = []
+
+    def walk(value: Any, parts: list[str]) -> Any:
+        if isinstance(value, torch.Tensor):
+            info = TensorInfo(
+                name=".".join(parts) or "tensor",
+                kind="torch",
+                dtype=str(value.dtype).removeprefix("torch."),
+                shape=tuple(value.shape),
+                nbytes=value.numel() * value.element_size(),
+                device=str(value.device),
+            )
+            tensors.append(info)
+            return info
+        if isinstance(value, dict):
+            return {k: walk(v, [*parts, str(k)]) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(walk(v, [*parts, str(i)]) for i, v in enumerate(value))
+        return value
+
+    return walk(obj, []), tensors
+
+
+_PARALLEL_BYTES = 64 * 1024 * 1024
+
+
+def checksums(views: list[memoryview]) -> list[str]:
+    """Checksums of many buffers, on several threads when there is enough to gain (xxhash drops the GIL)."""
+    total = sum(v.nbytes for v in views)
+    workers = min(4, os.cpu_count() or 1)
+    if total < _PARALLEL_BYTES or workers == 1:
+        return [checksum(v) for v in views]
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="torchkeep-verify") as pool:
+        return list(pool.map(checksum, views))
