@@ -14,6 +14,7 @@ import json
 import os
 import pickle
 import random
+import re
 import subprocess
 import sys
 import textwrap
@@ -27,6 +28,7 @@ import torch
 
 import torchkeep
 from tests.conftest import assert_same
+from torchkeep.manifest import MANIFEST_CHECKSUM, _canonical_checksum
 from torchkeep.scan import scan_file
 from torchkeep.storage import LocalStorage
 
@@ -154,25 +156,53 @@ def write_safetensors(path: Path, header: dict[str, Any], data: bytes = b"", len
     path.write_bytes((length if length is not None else len(raw)).to_bytes(8, "little") + raw + data)
 
 
+CORRUPT = torchkeep.CorruptCheckpointError
+UNSUPPORTED = torchkeep.UnsupportedFormatError
+
+
 @pytest.mark.parametrize(
-    ("header", "data", "length"),
+    ("header", "data", "length", "error", "message"),
     [
-        ({"t": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8, None),  # lying offsets
-        ({"t": {"dtype": "F32", "shape": [2**40, 2**40], "data_offsets": [0, 16]}}, b"\0" * 16, None),  # huge shape
-        ({"t": {"dtype": "F32", "shape": [4], "data_offsets": [16, 0]}}, b"\0" * 16, None),  # backwards
-        ({"t": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 16, 2**63),  # huge header length
-        ({"t": {"dtype": "F32", "shape": [-4], "data_offsets": [0, 16]}}, b"\0" * 16, None),  # negative dim
-        ({"t": {"dtype": "X99", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 16, None),  # unknown dtype
-        ({"t": {"dtype": "F32", "shape": [4]}}, b"\0" * 16, None),  # missing offsets
-        ({"a\u0000b": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 16, None),  # NUL in name
+        pytest.param(
+            {"t": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8, None,
+            CORRUPT, r"tensor 't' spans bytes 0\.\.16, beyond the file's data", id="lying offsets",
+        ),
+        pytest.param(
+            {"t": {"dtype": "F32", "shape": [2**40, 2**40], "data_offsets": [0, 16]}}, b"\0" * 16, None,
+            CORRUPT, r"tensor 't' has shape \[1099511627776, 1099511627776\] but 16 bytes", id="huge shape",
+        ),
+        pytest.param(
+            {"t": {"dtype": "F32", "shape": [4], "data_offsets": [16, 0]}}, b"\0" * 16, None,
+            CORRUPT, r"tensor 't' spans bytes 16\.\.0", id="backwards",
+        ),
+        pytest.param(
+            {"t": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 16, 2**63,
+            CORRUPT, r"declares a 9223372036854775808-byte header, over the", id="huge header length",
+        ),
+        pytest.param(
+            {"t": {"dtype": "F32", "shape": [-4], "data_offsets": [0, 16]}}, b"\0" * 16, None,
+            CORRUPT, r"tensor 't' has a malformed entry", id="negative dim",
+        ),
+        pytest.param(
+            {"t": {"dtype": "X99", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 16, None,
+            UNSUPPORTED, r"has dtype 'X99', which this torchkeep cannot read", id="unknown dtype",
+        ),
+        pytest.param(
+            {"t": {"dtype": "F32", "shape": [4]}}, b"\0" * 16, None,
+            CORRUPT, r"tensor 't' has a malformed entry", id="missing offsets",
+        ),
+        pytest.param(
+            {"a\u0000b": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 16, None,
+            CORRUPT, re.escape(r"tensor name 'a\x00b' holds a NUL byte"), id="NUL in name",
+        ),
     ],
-)
+)  # fmt: skip
 def test_lying_safetensors_headers_are_refused_before_allocating(
-    tmp_path: Path, header: dict[str, Any], data: bytes, length: int | None
+    tmp_path: Path, header: dict[str, Any], data: bytes, length: int | None, error: type[Exception], message: str
 ) -> None:
     path = tmp_path / "lie.safetensors"
     write_safetensors(path, header, data, length)
-    with pytest.raises(torchkeep.TorchkeepError):
+    with pytest.raises(error, match=message):
         torchkeep.load(path)
 
 
@@ -201,17 +231,27 @@ def test_deep_json_is_refused(tmp_path: Path) -> None:
         torchkeep.load(tmp_path / "ckpt")
 
 
+def reseal(manifest: dict[str, Any]) -> dict[str, Any]:
+    """Recompute an edited manifest's own checksum, so a reader's later checks, not that one, see the edit."""
+    manifest.pop(MANIFEST_CHECKSUM, None)
+    manifest[MANIFEST_CHECKSUM] = _canonical_checksum(manifest)
+    return manifest
+
+
 def test_path_escapes_are_refused(tmp_path: Path) -> None:
     (tmp_path / "secret.safetensors").write_bytes(b"x" * 100)
     torchkeep.save({"w": torch.ones(4)}, tmp_path / "ckpt")
     path = tmp_path / "ckpt" / "manifest.json"
     good = json.loads(path.read_text())
-    for shard in ("../secret.safetensors", "/etc/passwd", "..", "a/../../b", "x\u0000y"):
+    for shard in ("../secret.safetensors", "/etc/passwd", "..", ".", "", "manifest.json", "a/../../b", "x\u0000y"):
         bad = json.loads(json.dumps(good))
         bad["shards"][0]["file"] = shard
         bad["tensors"][0]["shard"] = shard
-        path.write_text(json.dumps(bad))
-        with pytest.raises(torchkeep.CorruptCheckpointError):
+        path.write_text(json.dumps(reseal(bad)))
+        with pytest.raises(
+            torchkeep.CorruptCheckpointError,
+            match=re.escape(f"names shard {shard!r}, which is not a file inside the checkpoint"),
+        ):
             torchkeep.load(tmp_path / "ckpt")
     path.write_text(json.dumps(good))
     shard = tmp_path / "ckpt" / "data-00000.safetensors"
@@ -227,6 +267,7 @@ class FaultyStorage(LocalStorage):
     def __init__(self, root: Path, fail_at: int, error: int) -> None:
         super().__init__(root)
         self.fail_at, self.error, self.calls = fail_at, error, 0
+        self.injected: OSError | None = None  # the fault, once raised
 
     def begin(self, key: str, *, directory: bool) -> Any:
         txn = super().begin(key, directory=directory)
@@ -242,7 +283,8 @@ class FaultyStorage(LocalStorage):
                 if storage.calls == storage.fail_at:
                     half = memoryview(data).cast("B")[: len(memoryview(data).cast("B")) // 2]
                     real_write(half)  # some bytes reach the disk, then it fails
-                    raise OSError(storage.error, os.strerror(storage.error))
+                    storage.injected = OSError(storage.error, os.strerror(storage.error))
+                    raise storage.injected
                 return real_write(data)
 
             f.write = write
@@ -260,17 +302,27 @@ def test_fault_at_every_write_call_leaves_the_previous_checkpoint(tmp_path: Path
     torchkeep.save(new, "ckpt", storage=counter)
     writes = counter.calls
     assert writes >= 3
-    cases = 0
-    for error in (errno.ENOSPC, errno.EIO):
+    for error, reason in ((errno.ENOSPC, "the disk is full"), (errno.EIO, os.strerror(errno.EIO))):
         for fail_at in range(1, writes + 1):
             storage = FaultyStorage(tmp_path, fail_at=fail_at, error=error)
-            with pytest.raises(torchkeep.StorageError) as err:
+            with pytest.raises(torchkeep.StorageError, match=re.escape(reason)) as err:
                 torchkeep.save(new, "ckpt", storage=storage)
+            # The error is the injected fault at this very write, not some other failure.
+            assert storage.injected is not None, f"no fault injected at write {fail_at}"
+            assert storage.injected in causes(err.value)
             assert str(tmp_path) in str(err.value)
             assert sorted(os.listdir(tmp_path)) == ["ckpt", "count"]  # no staging left behind
             assert_same(old, torchkeep.load("ckpt", storage=LocalStorage(tmp_path)))
-            cases += 1
-    assert cases == 2 * writes
+
+
+def causes(error: BaseException) -> list[BaseException]:
+    """``error`` and every exception it was raised from or while handling."""
+    chain: list[BaseException] = []
+    current: BaseException | None = error
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
 
 
 def test_failing_state_dict_surfaces_and_writes_nothing(tmp_path: Path) -> None:
@@ -322,8 +374,26 @@ def test_random_bytes_of_every_kind_never_escape_as_untyped_errors(tmp_path: Pat
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             for call in (torchkeep.load, torchkeep.inspect, torchkeep.verify):
-                with pytest.raises(torchkeep.TorchkeepError):
+                error, message = expected_refusal(suffix, head, verify=call is torchkeep.verify)
+                with pytest.raises(error, match=message):
                     call(path)
+
+
+def expected_refusal(suffix: str, head: bytes, *, verify: bool) -> tuple[type[Exception], str]:
+    """The error for random bytes after ``head`` in a file named ``*suffix``: what the bytes start with decides,
+    then the suffix."""
+    torch_file = "is not a readable zip archive" if verify else "is not a readable torch file"
+    if suffix == ".safetensors.index.json":
+        return torchkeep.CorruptCheckpointError, r"The index .* is damaged"
+    if head == b"PK\x03\x04":
+        return torchkeep.CorruptCheckpointError, torch_file
+    if head == b"\x80\x02":
+        return torchkeep.UnsafeCheckpointError, "is a plain pickle"
+    if head.startswith((50).to_bytes(8, "little")) or suffix == ".safetensors":
+        return torchkeep.CorruptCheckpointError, "is not a valid safetensors file"
+    if suffix in (".pt", ".pth"):
+        return torchkeep.CorruptCheckpointError, torch_file
+    return torchkeep.UnsupportedFormatError, "is not a checkpoint torchkeep can read"
 
 
 def test_in_memory_hostile_pickle_bytes(tmp_path: Path) -> None:

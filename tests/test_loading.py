@@ -205,13 +205,22 @@ def test_truncated_files_raise_corrupt(tmp_path: Any, name: str) -> None:
         assert err.value.path is not None
 
 
-@pytest.mark.parametrize("suffix", ["", ".safetensors", ".pth", ".pt", ".bin"])
-def test_random_bytes_raise_typed_errors(tmp_path: Any, suffix: str) -> None:
+@pytest.mark.parametrize(
+    ("suffix", "error", "message"),
+    [
+        ("", torchkeep.UnsupportedFormatError, "is not a checkpoint torchkeep can read"),
+        (".safetensors", torchkeep.CorruptCheckpointError, "is not a valid safetensors file"),
+        (".pth", torchkeep.CorruptCheckpointError, "is not a readable torch file"),
+        (".pt", torchkeep.CorruptCheckpointError, "is not a readable torch file"),
+        (".bin", torchkeep.UnsupportedFormatError, "is not a checkpoint torchkeep can read"),
+    ],
+)
+def test_random_bytes_raise_typed_errors(tmp_path: Any, suffix: str, error: type[Exception], message: str) -> None:
     rng = np.random.default_rng(0)
     for i in range(20):
         path = tmp_path / f"random{i}{suffix}"
         path.write_bytes(rng.integers(0, 256, int(rng.integers(0, 4096)), dtype=np.uint8).tobytes())
-        with pytest.raises(torchkeep.TorchkeepError):
+        with pytest.raises(error, match=message):
             torchkeep.load(path)
 
 
@@ -296,7 +305,7 @@ def test_pickle_payload_in_pth_is_refused_without_running(tmp_path: Any, monkeyp
     assert not (tmp_path / "should-not-exist").exists()
     plain = tmp_path / "plain.pkl"
     plain.write_bytes(pickle.dumps(Payload()))
-    with pytest.raises(torchkeep.TorchkeepError):
+    with pytest.raises(torchkeep.UnsafeCheckpointError, match=r"is a plain pickle.*never unpickles arbitrary data"):
         torchkeep.load(plain)
     assert not (tmp_path / "should-not-exist").exists()
 
