@@ -42,7 +42,7 @@ from torchkeep.model_loading import load_into
 from torchkeep.report import LoadReport
 from torchkeep.retention import CheckpointRecord
 from torchkeep.saving import save
-from torchkeep.storage import LocalStorage, Storage
+from torchkeep.storage import Storage, resolve
 
 __all__ = ["ModelVersion", "Registry", "VersionDiff"]
 
@@ -127,7 +127,8 @@ class Registry:
     """Named, versioned model releases in a directory.
 
     Args:
-        root: the registry's directory (created when first written).
+        root: the registry's directory (created when first written): a path or a
+            URL (``file://``, ``memory://STORE/KEY``), as :func:`torchkeep.load` takes.
         storage: keep it in this storage instead, with ``root`` as the folder key.
 
     Example:
@@ -138,17 +139,13 @@ class Registry:
     """
 
     def __init__(self, root: str | os.PathLike[str], *, storage: Storage | None = None) -> None:
-        if storage is None:
-            self._storage: Storage = LocalStorage(os.fspath(root))
-            self._prefix = ""
-        else:
-            self._storage, self._prefix = storage, os.fspath(root).strip("/")
+        self._storage, self._prefix = resolve(root, storage)
         self.root = self._storage.describe(self._prefix)
         local = self._storage.local_path(self._prefix)
         self._index_path = os.path.join(local, "index.sqlite") if local is not None else ":memory:"
         self._memory_db: sqlite3.Connection | None = None
-        if self._index_path != ":memory:" and not os.path.exists(self._index_path):
-            self.rebuild_index()
+        if self._index_path == ":memory:" or not os.path.exists(self._index_path):
+            self.rebuild_index()  # an index held in memory starts empty: fill it from the files
 
     # -- keys and locking -----------------------------------------------------------------
 

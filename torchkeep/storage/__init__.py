@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import os
-import threading
 
 from torchkeep.errors import InvalidArgumentError
 from torchkeep.storage.base import Storage, Transaction, join_key, parent_key, split_key
 from torchkeep.storage.local import LocalStorage
-from torchkeep.storage.memory import MemoryStorage
+from torchkeep.storage.memory import MemoryStorage, named_store
 
 __all__ = [
     "LocalStorage",
@@ -22,17 +21,16 @@ __all__ = [
 ]
 
 _SCHEMES = ("file", "memory")
-_memory_stores: dict[str, MemoryStorage] = {}
-_memory_lock = threading.Lock()
 
 
 def resolve(path: str | os.PathLike[str], storage: Storage | None = None) -> tuple[Storage, str]:
     """Split a user's path or URL into a storage and the key of the entry in it.
 
     A plain path or ``file://`` URL gives a :class:`LocalStorage` rooted at the
-    parent directory. ``memory://NAME/KEY`` gives the process-wide
-    :class:`MemoryStorage` called NAME. With ``storage`` given, ``path`` is a key
-    inside it.
+    parent directory. ``memory://NAME/KEY`` gives the live
+    :class:`MemoryStorage` called NAME (one made by the user, whose
+    :meth:`~MemoryStorage.describe` gave the URL, or else one made now that
+    lives for the process). With ``storage`` given, ``path`` is a key inside it.
     """
     text = os.fspath(path)
     if storage is not None:
@@ -50,8 +48,6 @@ def resolve(path: str | os.PathLike[str], storage: Storage | None = None) -> tup
         store_name, _, key = rest.partition("/")
         if not store_name or not key:
             raise InvalidArgumentError(f"{text!r} is not a memory URL: use memory://STORE/KEY.")
-        with _memory_lock:
-            store = _memory_stores.setdefault(store_name, MemoryStorage())
-        return store, key.strip("/")
+        return named_store(store_name), key.strip("/")
     known = ", ".join(f"{s}://" for s in _SCHEMES)
     raise InvalidArgumentError(f"Unknown storage scheme {scheme + '://'!r} in {text!r}; known schemes: {known}.")

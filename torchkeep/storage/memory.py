@@ -3,13 +3,47 @@
 from __future__ import annotations
 
 import io
+import itertools
 import threading
+import weakref
 from typing import BinaryIO
 
 from torchkeep.errors import CheckpointNotFoundError, CorruptCheckpointError, InvalidArgumentError
 from torchkeep.storage.base import TransactionBase, split_key
 
-__all__ = ["MemoryStorage"]
+__all__ = ["MemoryStorage", "named_store"]
+
+# Every live store by name, so that ``memory://NAME/KEY`` finds the store that wrote it. A store
+# made by a user is held weakly (it goes when the user drops it); one made for a URL is also held
+# in ``_kept`` and lives for the process, as a URL names no object that could keep it alive.
+_stores: weakref.WeakValueDictionary[str, MemoryStorage] = weakref.WeakValueDictionary()
+_kept: dict[str, MemoryStorage] = {}
+_stores_lock = threading.RLock()
+_unnamed = itertools.count(1)
+
+
+def named_store(name: str) -> MemoryStorage:
+    """The live :class:`MemoryStorage` called ``name``, made (and kept for the process) if there is none.
+
+    This is what ``memory://NAME/KEY`` resolves to.
+
+    Args:
+        name: the store's name: not empty, without ``/``.
+
+    Raises:
+        InvalidArgumentError: ``name`` is not a valid store name.
+    """
+    with _stores_lock:
+        store = _stores.get(_check_name(name))
+        if store is None:
+            store = _kept[name] = MemoryStorage(name=name)
+        return store
+
+
+def _check_name(name: object) -> str:
+    if not isinstance(name, str) or not name or "/" in name:
+        raise InvalidArgumentError(f"Memory store name {name!r} is not valid: use a non-empty string without '/'.")
+    return name
 
 
 class _MemoryFile(io.BytesIO):
@@ -69,15 +103,44 @@ class MemoryStorage:
     a training loop can be tested against it without a disk. ``map`` returns a
     private copy, so changing a loaded tensor never changes the stored bytes.
     Thread-safe.
+
+    Every store has a name, and :meth:`describe` gives ``memory://NAME/KEY``,
+    an address :func:`torchkeep.storage.resolve` (and so ``torchkeep.load``,
+    the registry and the command line, in this process) maps back to this store
+    for as long as it is alive. ``torchkeep.load("memory://NAME/KEY")`` with a
+    name no live store has makes a new store that lives for the process.
+
+    Args:
+        name: the store's name (no ``/``); by default a new, unique one. A name
+            is taken while its store is alive.
+
+    Raises:
+        InvalidArgumentError: ``name`` is not valid, or another live store has it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, name: str | None = None) -> None:
         self._objects: dict[str, bytes] = {}
         self._dirs: set[str] = set()
         self._lock = threading.Lock()
+        with _stores_lock:
+            if name is None:
+                name = next(n for n in (f"unnamed-{i}" for i in _unnamed) if n not in _stores)
+            existing = _stores.get(_check_name(name))
+            if existing is not None and existing is not self:
+                raise InvalidArgumentError(
+                    f"A memory store called {name!r} already exists in this process; reach it through "
+                    f"'memory://{name}/KEY' (torchkeep.storage.resolve) or choose another name."
+                )
+            _stores[name] = self
+        self._name = name
+
+    @property
+    def name(self) -> str:
+        """The store's name: the ``NAME`` in its ``memory://NAME/KEY`` addresses."""
+        return self._name
 
     def __repr__(self) -> str:
-        return f"MemoryStorage({len(self._objects)} objects)"
+        return f"MemoryStorage({self.name!r}, {len(self._objects)} objects)"
 
     def _drop(self, key: str) -> None:
         prefix = key + "/"
@@ -90,10 +153,12 @@ class MemoryStorage:
             try:
                 return self._objects[key]
             except KeyError:
-                raise CheckpointNotFoundError(f"No checkpoint at {self.describe(key)!r}.", path=key) from None
+                where = self.describe(key)
+                raise CheckpointNotFoundError(f"No checkpoint at {where!r}.", path=where) from None
 
     def describe(self, key: str) -> str:
-        return f"memory://{key}"
+        """``memory://NAME/KEY``: an address that resolves back to this store and ``key``."""
+        return f"memory://{self.name}/{key}"
 
     def exists(self, key: str) -> bool:
         with self._lock:
