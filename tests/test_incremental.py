@@ -151,7 +151,7 @@ CHILD = textwrap.dedent(
             return real(*args, **kwargs)
         native.store_object = store
     else:
-        real_delete = mgr._storage.delete
+        real_delete = mgr._run.storage.delete
         calls = [0]
         def delete(key):
             if "/objects/" in key or key.startswith("objects/"):
@@ -159,7 +159,7 @@ CHILD = textwrap.dedent(
                 if calls[0] == 2:
                     os.kill(os.getpid(), signal.SIGKILL)  # the sweep removed one object of step 1
             return real_delete(key)
-        mgr._storage.delete = delete
+        mgr._run.storage.delete = delete
     mgr.save(2, model=model)
     """
 )

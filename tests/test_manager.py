@@ -6,6 +6,7 @@ import math
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -192,22 +193,101 @@ def test_should_save(tmp_path: Path) -> None:
         assert not mgr.should_save(3)
 
 
-def test_two_writers_in_one_process(tmp_path: Path) -> None:
+def test_constructing_and_reading_take_no_lock(tmp_path: Path) -> None:
+    model, _ = model_and_opt()
+    with torchkeep.CheckpointManager(tmp_path) as writer:
+        writer.save(1, model=model)
+        reader = torchkeep.CheckpointManager(tmp_path)  # alive, while the writer holds the lock
+        assert [r.step for r in reader.list()] == [1]
+        assert reader.latest() is not None and reader.restore(model=model) is not None
+        writer.save(2, model=model)  # the reader never blocked the writer
+        assert [r.step for r in reader.list()] == [1, 2]
+
+
+def test_list_then_write_in_the_same_script(tmp_path: Path) -> None:
+    model, _ = model_and_opt()
+    torchkeep.CheckpointManager(tmp_path).list()  # the object is not even collected yet in some interpreters
+    mgr = torchkeep.CheckpointManager(tmp_path, keep_last=1)
+    mgr.save(1, model=model)
+    mgr.save(2, model=model)
+    mgr.save(3, model=model)
+    mgr.close()
+    from torchkeep.cli import main
+
+    keep = torchkeep.CheckpointManager(tmp_path, keep_last=2)
+    mgr = torchkeep.CheckpointManager(tmp_path)
+    mgr.save(2, model=model)  # a writer after a reader, both alive
+    assert [r.step for r in keep.list()] == [2, 3]
+    mgr.close()
+    assert main(["prune", str(tmp_path), "--keep-last", "1"]) == 0  # the reader does not block the CLI's writes
+    assert [r.step for r in keep.list()] == [3]
+
+
+def test_a_manager_created_again_in_one_process_saves(tmp_path: Path) -> None:
+    """Re-running a notebook cell ``mgr = CheckpointManager(d); mgr.save(...)``."""
+    model, _ = model_and_opt()
+    mgr = torchkeep.CheckpointManager(tmp_path)
+    mgr.save(1, model=model)
+    mgr = torchkeep.CheckpointManager(tmp_path)  # the old writer is collected: its finalizer unlocks
+    mgr.save(2, model=model)
+    mgr = torchkeep.CheckpointManager(tmp_path, async_save=True)
+    mgr.save(3, model=model)
+    mgr = torchkeep.CheckpointManager(tmp_path, async_save=True)  # the old one's save in flight is finished first
+    mgr.save(4, model=model)
+    mgr.close()
+    assert [r.step for r in torchkeep.CheckpointManager(tmp_path).list()] == [1, 2, 3, 4]
+
+
+def test_two_live_writers_in_one_process(tmp_path: Path) -> None:
+    model, _ = model_and_opt()
     first = torchkeep.CheckpointManager(tmp_path)
-    with pytest.raises(torchkeep.DirectoryLockedError, match=str(os.getpid())):
-        torchkeep.CheckpointManager(tmp_path)
+    second = torchkeep.CheckpointManager(tmp_path)
+    first.save(1, model=model)
+    with pytest.raises(torchkeep.DirectoryLockedError, match=rf"pid {os.getpid()} on host \S+") as caught:
+        second.save(2, model=model)
+    assert "Reading needs no lock" in str(caught.value)
+    with pytest.raises(torchkeep.DirectoryLockedError):
+        second.delete(1)
     first.close()
-    torchkeep.CheckpointManager(tmp_path).close()
+    second.save(2, model=model)  # the lock is free once the first writer closed
+    second.close()
     storage = torchkeep.MemoryStorage()
     mem = torchkeep.CheckpointManager("run", storage=storage)
-    with pytest.raises(torchkeep.DirectoryLockedError):
-        torchkeep.CheckpointManager("run", storage=storage)
+    other = torchkeep.CheckpointManager("run", storage=storage)
+    mem.save(1, model=model)
+    with pytest.raises(torchkeep.DirectoryLockedError, match="in this process"):
+        other.save(2, model=model)
     mem.close()
+    other.save(2, model=model)
+    other.close()
+
+
+def test_closing_is_final_and_collection_releases(tmp_path: Path) -> None:
+    import gc
+    import weakref
+
+    model, _ = model_and_opt()
+    mgr = torchkeep.CheckpointManager(tmp_path)
+    mgr.save(1, model=model)
+    ref = weakref.ref(mgr)
+    del mgr
+    gc.collect()
+    assert ref() is None  # nothing (no atexit hook, no signal handler) keeps a manager alive
+    closed = torchkeep.CheckpointManager(tmp_path)
+    closed.close()
+    with pytest.raises(torchkeep.InvalidArgumentError, match="closed"):
+        closed.save(2, model=model)
+    with torchkeep.CheckpointManager(tmp_path, install_signal_handler=True) as handled:
+        ref = weakref.ref(handled)
+    del handled
+    gc.collect()
+    assert ref() is None
 
 
 HOLDER = (
-    "import sys, time, torchkeep\n"
+    "import sys, time, torch, torchkeep\n"
     "m = torchkeep.CheckpointManager(sys.argv[1])\n"
+    "m.save(1, w=torch.ones(2))\n"
     "print('locked', flush=True)\n"
     "time.sleep(60)\n"
 )
@@ -217,12 +297,49 @@ def test_second_writer_process_is_refused_and_a_killed_one_releases(tmp_path: Pa
     proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
-        with pytest.raises(torchkeep.DirectoryLockedError, match=f"pid {proc.pid}"):
-            torchkeep.CheckpointManager(tmp_path)
+        other = torchkeep.CheckpointManager(tmp_path)
+        assert [r.step for r in other.list()] == [1]  # reading is never refused
+        with pytest.raises(torchkeep.DirectoryLockedError, match=f"pid {proc.pid} on host {socket.gethostname()}"):
+            other.save(2, w=torch.zeros(2))
     finally:
         proc.kill()
         proc.communicate()
-    torchkeep.CheckpointManager(tmp_path).close()  # the kernel released the dead holder's lock
+    with torchkeep.CheckpointManager(tmp_path) as mgr:
+        mgr.save(2, w=torch.zeros(2))  # the kernel released the dead holder's lock
+
+
+SAVER = (
+    "import sys, torch, torchkeep\n"
+    "mgr = torchkeep.CheckpointManager(sys.argv[1], keep_last=3)\n"
+    "for step in range(1, int(sys.argv[2]) + 1):\n"
+    "    mgr.save(step, state={'w': torch.full((256, 256), float(step)), 'b': torch.full((3,), float(step))})\n"
+    "    if step == 1: print('first', flush=True)\n"
+    "mgr.close()\n"
+)
+
+
+def test_a_reader_process_restores_while_a_writer_saves_in_a_loop(tmp_path: Path) -> None:
+    writer = subprocess.Popen(
+        [sys.executable, "-c", SAVER, str(tmp_path), "150"], stdout=subprocess.PIPE, text=True, cwd=ROOT
+    )
+    try:
+        assert writer.stdout is not None and writer.stdout.readline().strip() == "first"
+        reader = torchkeep.CheckpointManager(tmp_path)
+        restored_steps = set()
+        while writer.poll() is None:
+            state: dict[str, Any] = {}
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # a step deleted by retention between list and read
+                record = reader.restore(state=state)
+            assert record is not None
+            # Always one complete step: every tensor holds the value of the step restored.
+            assert bool((state["w"] == record.step).all()) and bool((state["b"] == record.step).all())
+            restored_steps.add(record.step)
+        assert writer.returncode == 0
+    finally:
+        writer.kill()
+        writer.communicate()
+    assert len(restored_steps) > 1
 
 
 def test_manager_on_memory_storage() -> None:

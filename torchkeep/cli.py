@@ -24,8 +24,8 @@ from torchkeep.compare import compare_tensors, flatten_tensors
 from torchkeep.errors import TorchkeepError
 from torchkeep.formats import open_checkpoint
 from torchkeep.info import TensorInfo, human_size
-from torchkeep.manager import read_records
 from torchkeep.retention import KeepBest, KeepLast, best_record, steps_to_delete
+from torchkeep.run_directory import read_records
 from torchkeep.scan import scan_file
 from torchkeep.storage import resolve
 

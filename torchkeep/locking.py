@@ -7,6 +7,7 @@ never leaves a folder locked.
 from __future__ import annotations
 
 import os
+import socket
 import threading
 
 from torchkeep.errors import DirectoryLockedError
@@ -41,7 +42,9 @@ class FolderLock:
                 lock = _memory_locks.setdefault((id(storage), f"{prefix}/{name}"), threading.Lock())
             if not lock.acquire(blocking=blocking):
                 raise DirectoryLockedError(
-                    f"{where!r} is held by {holder} in this process; close it first.", path=where
+                    f"{where!r} is held by {holder} in this process (pid {os.getpid()} on host "
+                    f"{socket.gethostname()}); close it first. Reading needs no lock.",
+                    path=where,
                 )
             self._memory = lock
             return
@@ -52,15 +55,18 @@ class FolderLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
         except BlockingIOError:
-            pid = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+            owner = os.pread(fd, 256, 0).decode("utf-8", "replace").split()
             os.close(fd)
+            pid = owner[0] if owner else "unknown"
+            host = owner[1] if len(owner) > 1 else "unknown"
             raise DirectoryLockedError(
-                f"{where!r} is held by {holder} (pid {pid}); two writers would undo each other's work. "
-                "Use another directory, or close the other one.",
+                f"{where!r} is held by {holder} (pid {pid} on host {host}); two writers would undo each "
+                "other's work. Close the other one (its close(), the end of its with block, or its process "
+                "ending releases the directory), or write to another directory. Reading needs no lock.",
                 path=where,
             ) from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
         self._fd = fd
 
     def release(self) -> None:

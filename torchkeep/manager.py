@@ -1,25 +1,27 @@
 """CheckpointManager: training checkpoints in one directory, with retention and exact resume.
 
 Each checkpoint is a native checkpoint named ``step-00000100`` inside the
-manager's directory. The user's named states are saved under their names;
-the RNG streams under ``_torchkeep_rng``; the step, metrics and metadata in
-the manifest. Retention runs after each commit, and only then deletes.
+manager's directory (:mod:`torchkeep.run_directory`). The user's named states
+are saved under their names; the RNG streams under ``_torchkeep_rng``; the
+step, metrics and metadata in the manifest. Retention runs after each commit,
+and only then deletes; unshared objects of incremental checkpoints are swept
+after it (:mod:`torchkeep.object_folder`).
 """
 
 from __future__ import annotations
 
-import atexit
-import datetime
+import dataclasses
 import math
 import os
-import re
 import signal
+import threading
 import time
 import warnings
+import weakref
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import FrameType
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 import numpy as np
 import torch
@@ -31,14 +33,15 @@ from torchkeep.errors import (
     CorruptCheckpointError,
     InvalidArgumentError,
     StateMismatchError,
-    TorchkeepError,
+    StorageError,
+    UnsupportedFormatError,
 )
-from torchkeep.formats.native import read_manifest
-from torchkeep.formats.objects import OBJECTS, is_object_name
-from torchkeep.loading import load
+from torchkeep.formats import open_checkpoint
+from torchkeep.formats.source import Source
+from torchkeep.loading import read_source
 from torchkeep.locking import FolderLock
-from torchkeep.manifest import Manifest
 from torchkeep.model_loading import load_into
+from torchkeep.object_folder import ObjectFolder
 from torchkeep.report import LoadReport
 from torchkeep.retention import (
     AnyOf,
@@ -52,15 +55,19 @@ from torchkeep.retention import (
     steps_to_delete,
 )
 from torchkeep.rng import RNGState
+from torchkeep.run_directory import RunDirectory
 from torchkeep.saving import SaveJob, prepare_save, write_job
 from torchkeep.snapshot import StagingBuffer
+from torchkeep.stateful import is_stateful
 from torchkeep.storage import Storage, resolve
 
 __all__ = ["CheckpointManager", "SaveHandle"]
 
 RNG_KEY = "_torchkeep_rng"
-_NAME = re.compile(r"^step-(\d+)$")
 _LOCK_NAME = ".torchkeep.lock"
+_THREAD = "torchkeep-save"
+#: What makes restore() move on to an older checkpoint: the checkpoint, not the caller's objects, is at fault.
+_DAMAGE = (CorruptCheckpointError, CheckpointNotFoundError, UnsupportedFormatError, StorageError)
 
 
 def _metric(name: str, value: Any) -> float | str:
@@ -70,12 +77,6 @@ def _metric(name: str, value: Any) -> float | str:
         raise InvalidArgumentError(f"Metric {name!r} must be a number, not {type(value).__name__}.")
     value = float(value)
     return value if math.isfinite(value) else repr(value)  # "nan", "inf", "-inf" in JSON
-
-
-def _read_metrics(raw: Any) -> dict[str, float]:
-    if not isinstance(raw, dict):
-        return {}
-    return {k: float(v) for k, v in raw.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
 
 
 class SaveHandle:
@@ -94,6 +95,10 @@ class SaveHandle:
         """Whether the save has finished (committed or failed)."""
         return self._future.done()
 
+    def failed(self) -> bool:
+        """Whether the save has finished with a failure."""
+        return self._future.done() and self._future.exception() is not None
+
     def wait(self, timeout: float | None = None) -> CheckpointRecord:
         """Block until the checkpoint is committed (and retention applied); return its record."""
         result = self._future.result(timeout) if self._future.exception(timeout) is None else None
@@ -105,6 +110,79 @@ class SaveHandle:
 
     def __repr__(self) -> str:
         return f"SaveHandle(step={self.step}, done={self.done()})"
+
+
+class _Held:
+    """What a manager holds that must be given back: the writer lock, the save thread, signal handlers.
+
+    Kept apart from the manager so that a ``weakref.finalize`` can give it all
+    back when the manager is garbage collected or the interpreter exits,
+    without keeping the manager alive.
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.lock: FolderLock | None = None
+        self.executor: ThreadPoolExecutor | None = None
+        self.inflight: SaveHandle | None = None
+        self.previous_handlers: dict[int, Any] = {}
+        self.preempted: int | None = None
+
+    def on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.preempted = signum
+
+    def wait(self) -> CheckpointRecord | None:
+        """Wait for the save in flight, if any; return its record or re-raise its failure."""
+        handle, self.inflight = self.inflight, None
+        if handle is None:
+            return None
+        if handle.observed and handle.failed():
+            return None  # its caller has already seen the failure
+        return handle.wait()
+
+    def release(self) -> None:
+        """Stop the save thread, restore signal handlers and unlock; safe to call twice."""
+        if self.executor is not None:
+            # Never join the save thread from itself (a finalizer may run on any thread).
+            self.executor.shutdown(wait=not threading.current_thread().name.startswith(_THREAD))
+            self.executor = None
+        for signum, handler in self.previous_handlers.items():
+            signal.signal(signum, handler)
+        self.previous_handlers.clear()
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def finalize(self) -> None:
+        """Run when the manager is collected or at interpreter exit: finish the save in flight, then release."""
+        try:
+            self.wait()
+        except Exception as err:  # no caller is left to raise to
+            warnings.warn(f"The last background save of {self.directory!r} failed: {err!r}", stacklevel=1)
+        finally:
+            self.release()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Committer:
+    """The stages after the snapshot, on either path: write, commit, apply retention, sweep objects."""
+
+    run: RunDirectory
+    objects: ObjectFolder
+    policy: RetentionPolicy | None
+    monitor: str | None
+    mode: Literal["min", "max"]
+
+    def commit(self, job: SaveJob, step: int) -> CheckpointRecord:
+        manifest = write_job(job)
+        assert manifest is not None  # a manager writes native checkpoints
+        record = self.run.remember(step, manifest)
+        protect = frozenset({step})  # even when older steps than the newest are saved again
+        records = self.run.records()
+        for old in steps_to_delete(records, self.policy, monitor=self.monitor, mode=self.mode, protect=protect):
+            self.run.storage.delete(self.run.key(old))  # an atomic rename first: never half-deleted and listed
+        self.objects.sweep()
+        return record
 
 
 class CheckpointManager:
@@ -142,8 +220,18 @@ class CheckpointManager:
     With no keep_* option and no ``retention``, every checkpoint is kept. The
     newest checkpoint and the best one are never deleted, and deletion runs only
     after a new checkpoint is committed. Saving a step that exists replaces it
-    atomically. One manager writes to a directory at a time: a second one gets
-    :class:`DirectoryLockedError`. Not thread-safe: call it from one thread.
+    atomically.
+
+    Locking: constructing a manager writes nothing and locks nothing, and
+    reading (:meth:`list`, :meth:`latest`, :meth:`best`, :meth:`restore`)
+    never takes or waits for the lock: a checkpoint is visible only once it is
+    committed, so a reader in another process sees whole checkpoints while a
+    writer saves. The first operation that writes (:meth:`save`,
+    :meth:`delete`, retention) takes the directory's writer lock; it is held
+    until :meth:`close`, the end of a ``with`` block, or the manager being
+    garbage collected (or its process ending). A second live writer gets
+    :class:`DirectoryLockedError` naming the holder's pid and host. Not
+    thread-safe: call one manager from one thread.
 
     Example:
         >>> mgr = torchkeep.CheckpointManager("ckpt", keep_last=3, keep_best=1, monitor="val_loss")
@@ -201,21 +289,20 @@ class CheckpointManager:
         self.compression = Compression.parse(compression)
         self.incremental = incremental
         self._staging = StagingBuffer()
-        self._executor: ThreadPoolExecutor | None = None
-        self._inflight: SaveHandle | None = None
-        self._storage, self._prefix = resolve(directory, storage)
-        self.directory = self._storage.describe(self._prefix)
-        self._lock: FolderLock | None = FolderLock(
-            self._storage, self._prefix, name=_LOCK_NAME, blocking=False, holder="another CheckpointManager"
-        )
+        storage, prefix = resolve(directory, storage)
+        self._run = RunDirectory(storage, prefix)
+        self._objects = ObjectFolder(self._run)
+        self._retention = _Committer(self._run, self._objects, self.policy, monitor, mode)
+        self.directory = storage.describe(prefix)
+        self._closed = False
         self._last_save = time.monotonic()
-        self._preempted: int | None = None
-        self._previous_handlers: dict[int, Any] = {}
+        self._held = _Held(self.directory)
         if install_signal_handler:
             signals = (signal.SIGTERM, signal.SIGUSR1) if install_signal_handler is True else install_signal_handler
             for signum in signals:
-                self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
-        atexit.register(self._close_at_exit)
+                self._held.previous_handlers[signum] = signal.signal(signum, self._held.on_signal)
+        # Not a bound method: the finalizer must not keep the manager alive.
+        self._finalizer = weakref.finalize(self, self._held.finalize)
 
     # -- context and lifetime -------------------------------------------------------------
 
@@ -229,39 +316,27 @@ class CheckpointManager:
         """Wait for a save in flight, release the directory and restore signal handlers.
 
         Re-raises the failure of a background save. Safe to call twice; also
-        run at interpreter exit.
+        run when the manager is garbage collected and at interpreter exit.
         """
-        atexit.unregister(self._close_at_exit)
+        self._closed = True
         try:
-            self.wait()
+            self._held.wait()
         finally:
-            if self._executor is not None:
-                self._executor.shutdown(wait=True)
-                self._executor = None
-            for signum, handler in self._previous_handlers.items():
-                signal.signal(signum, handler)
-            self._previous_handlers.clear()
-            if self._lock is not None:
-                self._lock.release()
-                self._lock = None
-
-    def _close_at_exit(self) -> None:
-        try:
-            self.close()
-        except Exception as err:  # at exit there is no caller left to raise to
-            warnings.warn(f"The last background save of {self.directory!r} failed: {err!r}", stacklevel=1)
+            self._finalizer.detach()
+            self._held.release()
 
     def wait(self) -> CheckpointRecord | None:
         """Wait for the save in flight, if any; return its record or re-raise its failure."""
-        handle, self._inflight = self._inflight, None
-        if handle is None:
-            return None
-        if handle.observed and handle._future.exception() is not None:
-            return None  # its caller has already seen the failure
-        return handle.wait()
+        return self._held.wait()
 
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        self._preempted = signum
+    def _writer(self) -> None:
+        """Take the directory's writer lock, once, before the first write."""
+        if self._closed:
+            raise InvalidArgumentError("This CheckpointManager is closed.")
+        if self._held.lock is None:
+            self._held.lock = FolderLock(
+                self._run.storage, self._run.prefix, name=_LOCK_NAME, blocking=False, holder="another CheckpointManager"
+            )
 
     @property
     def staging_bytes(self) -> int:
@@ -271,20 +346,50 @@ class CheckpointManager:
     @property
     def preempted(self) -> bool:
         """Whether a preemption signal has arrived (see ``install_signal_handler``)."""
-        return self._preempted is not None
+        return self._held.preempted is not None
 
     # -- saving ---------------------------------------------------------------------------
 
     def should_save(self, step: int) -> bool:
         """True when ``step`` is due by ``save_every``, ``save_interval`` has passed, or a preemption signal came."""
-        if self._preempted is not None:
+        if self._held.preempted is not None:
             return True
         if self.save_every is not None and step % self.save_every == 0:
             return True
         return self.save_interval is not None and time.monotonic() - self._last_save >= self.save_interval
 
-    def _key(self, step: int) -> str:
-        return f"{self._prefix}/step-{step:08d}" if self._prefix else f"step-{step:08d}"
+    @overload
+    def save(
+        self,
+        step: int,
+        *,
+        metrics: dict[str, Any] | None = ...,
+        metadata: dict[str, Any] | None = ...,
+        async_save: Literal[False],
+        **state: Any,
+    ) -> CheckpointRecord: ...
+
+    @overload
+    def save(
+        self,
+        step: int,
+        *,
+        metrics: dict[str, Any] | None = ...,
+        metadata: dict[str, Any] | None = ...,
+        async_save: Literal[True],
+        **state: Any,
+    ) -> SaveHandle: ...
+
+    @overload
+    def save(
+        self,
+        step: int,
+        *,
+        metrics: dict[str, Any] | None = ...,
+        metadata: dict[str, Any] | None = ...,
+        async_save: None = ...,
+        **state: Any,
+    ) -> CheckpointRecord | SaveHandle: ...
 
     def save(
         self,
@@ -294,7 +399,7 @@ class CheckpointManager:
         metadata: dict[str, Any] | None = None,
         async_save: bool | None = None,
         **state: Any,
-    ) -> Any:
+    ) -> CheckpointRecord | SaveHandle:
         """Save the named states as the checkpoint of ``step``, then apply retention.
 
         Args:
@@ -313,28 +418,29 @@ class CheckpointManager:
             call. At most one save is in flight: a new ``save`` first waits for the
             previous one to commit, so checkpoints commit in order, and re-raises
             its failure if it failed.
+
+        Raises:
+            DirectoryLockedError: another live manager writes to this directory.
         """
-        if self._lock is None:
-            raise InvalidArgumentError("This CheckpointManager is closed.")
         if type(step) is not int or step < 0:
             raise InvalidArgumentError(f"step must be a non-negative int, not {step!r}.")
         reserved = [name for name in state if name.startswith("_torchkeep")]
         if reserved:
             raise InvalidArgumentError(f"State names starting with '_torchkeep' are reserved: {reserved}.")
+        self._writer()
         self.wait()  # one save in flight; the staging buffer is free again
-        tree = {name: obj.state_dict() if _is_stateful(obj) else obj for name, obj in state.items()}
+        tree = {name: obj.state_dict() if is_stateful(obj) else obj for name, obj in state.items()}
         if self.rng:
             tree[RNG_KEY] = RNGState().state_dict()
         encoded = {name: _metric(name, value) for name, value in (metrics or {}).items()}
         job = prepare_save(
             tree,
-            self._key(step),
+            self._run.key(step),
             metadata={"step": step, "metrics": encoded, "metadata": metadata or {}},
             compression=self.compression,
-            storage=self._storage,
+            objects=self._objects.key if self.incremental else None,
+            storage=self._run.storage,
         )
-        if self.incremental:
-            job.objects = self._objects_key()
         self._last_save = time.monotonic()
         wants_async = self.async_save if async_save is None else async_save
         size = sum(p.nbytes for p in job.planned)
@@ -347,78 +453,34 @@ class CheckpointManager:
             )
             wants_async = False
         if not wants_async:
-            record = self._commit(job, step)
+            record = self._retention.commit(job, step)
             self._exit_if_preempted()
             return record
-        job.planned = self._staging.snapshot(job.planned)  # the only part that blocks training
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torchkeep-save")
-        handle = SaveHandle(step, self._executor.submit(self._commit, job, step))
-        self._inflight = handle
-        if self._preempted is not None:
+        job = dataclasses.replace(job, planned=self._staging.snapshot(job.planned))  # the only part that blocks
+        if self._held.executor is None:
+            self._held.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=_THREAD)
+        # The background work holds no reference to the manager, so dropping the manager never waits on it.
+        handle = SaveHandle(step, self._held.executor.submit(self._retention.commit, job, step))
+        self._held.inflight = handle
+        if self._held.preempted is not None:
             self.wait()
             self._exit_if_preempted()
         return handle
 
-    def _commit(self, job: SaveJob, step: int) -> CheckpointRecord:
-        """Write, commit and apply retention: the stages after the snapshot, on either path."""
-        manifest = write_job(job)
-        assert manifest is not None  # a manager writes native checkpoints
-        self._apply_retention(just_saved=step)
-        self._sweep_objects()
-        return _record(self._storage, job.key, manifest)
-
     def _exit_if_preempted(self) -> None:
-        if self._preempted is not None:
+        if self._held.preempted is not None:
             self.close()
             raise SystemExit(0)
 
-    def _apply_retention(self, just_saved: int) -> None:
-        records = self.list()
-        protect = frozenset({just_saved})  # even when older steps than the newest are saved again
-        for step in steps_to_delete(records, self.policy, monitor=self.monitor, mode=self.mode, protect=protect):
-            self._storage.delete(self._key(step))  # an atomic rename first: never half-deleted and listed
-
     def delete(self, step: int) -> None:
         """Delete the checkpoint of ``step`` now, and any stored objects only it referred to."""
-        if self._lock is None:
-            raise InvalidArgumentError("This CheckpointManager is closed.")
+        self._writer()
         self.wait()
-        key = self._key(step)
-        if not self._storage.exists(key):
+        key = self._run.key(step)
+        if not self._run.storage.exists(key):
             raise CheckpointNotFoundError(f"{self.directory!r} has no checkpoint of step {step}.", path=self.directory)
-        self._storage.delete(key)
-        self._sweep_objects()
-
-    def _objects_key(self) -> str:
-        return f"{self._prefix}/{OBJECTS}" if self._prefix else OBJECTS
-
-    def _sweep_objects(self) -> None:
-        """Delete objects no committed checkpoint refers to (left by deletions or by a crash mid-save)."""
-        folder = self._objects_key()
-        stored = [n for n in self._storage.list(folder) if is_object_name(n)]
-        if not stored:
-            return
-        referenced: set[str] = set()
-        for name in self._storage.list(self._prefix):
-            if not _NAME.match(name):
-                continue
-            key = f"{self._prefix}/{name}" if self._prefix else name
-            try:
-                manifest = read_manifest(self._storage, key)
-            except CheckpointNotFoundError:
-                continue  # never committed: it refers to nothing
-            except TorchkeepError as err:
-                warnings.warn(
-                    f"Not removing unused objects: checkpoint {name} cannot be read ({err}).",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-                return  # what it refers to is unknown, so everything stays
-            referenced.update(s.file for s in manifest.shards if s.shared)
-        for name in stored:
-            if name not in referenced:
-                self._storage.delete(f"{folder}/{name}")
+        self._run.storage.delete(key)
+        self._objects.sweep()
 
     # -- listing --------------------------------------------------------------------------
 
@@ -426,8 +488,9 @@ class CheckpointManager:
         """Every committed checkpoint, ordered by step (never by file time or name).
 
         A checkpoint whose manifest cannot be read is left out with a warning.
+        Takes no lock.
         """
-        return read_records(self._storage, self._prefix)
+        return self._run.records()
 
     def latest(self) -> CheckpointRecord | None:
         """The checkpoint with the highest step, or None."""
@@ -447,9 +510,15 @@ class CheckpointManager:
     ) -> CheckpointRecord | None:
         """Restore the named states (and the RNG streams) from a checkpoint.
 
-        With no ``step``, the newest checkpoint that verifies: a damaged or
-        incomplete newer one is skipped with a warning naming it and why.
+        With no ``step``, the newest checkpoint that reads back whole: a damaged
+        or incomplete newer one is skipped with a warning naming it and why, and
+        the next one is restored over whatever the damaged one had loaded.
         ``step="best"`` picks the best by ``monitor``.
+
+        Modules stream from the checkpoint straight into their own parameters
+        (extra memory near one tensor, compressed or not); other states read
+        only their own part of the checkpoint. Every tensor read is verified.
+        Takes no lock.
 
         Args:
             step: a step number, ``"best"``, or None for the newest good one.
@@ -488,10 +557,10 @@ class CheckpointManager:
                 )
         reasons = []
         for record in candidates:
-            key = self._key(record.step)
             try:
-                tree = load(key, storage=self._storage, verify=True)
-            except TorchkeepError as err:
+                source = open_checkpoint(self._run.storage, self._run.key(record.step))
+                self._apply(source, state, record, strict)
+            except _DAMAGE as err:
                 if step is not None:
                     raise
                 warnings.warn(
@@ -499,80 +568,35 @@ class CheckpointManager:
                 )
                 reasons.append(f"step {record.step}: {err}")
                 continue
-            self._apply(tree, state, record, strict)
             return record
         raise CorruptCheckpointError(
             f"No checkpoint in {self.directory!r} could be restored:\n  " + "\n  ".join(reasons),
             path=self.directory,
         )
 
-    def _apply(self, tree: dict[str, Any], state: dict[str, Any], record: CheckpointRecord, strict: bool) -> None:
-        missing = [name for name in state if name not in tree]
+    def _apply(self, source: Source, state: dict[str, Any], record: CheckpointRecord, strict: bool) -> None:
+        saved = source.top_level_names() or []
+        missing = [name for name in state if name not in saved]
         if missing:
-            saved = [name for name in tree if not name.startswith("_torchkeep")]
+            shown = [name for name in saved if not str(name).startswith("_torchkeep")]
             raise StateMismatchError(
-                f"Checkpoint {record.path!r} has no state named {missing}; it holds {saved}.",
+                f"Checkpoint {record.path!r} has no state named {missing}; it holds {shown}.",
                 report=LoadReport(missing=missing),
                 path=record.path,
             )
         for name, obj in state.items():
             if isinstance(obj, (nn.Module, torch.optim.Optimizer)):
-                load_into(obj, tree[name], strict=strict)
-            elif _is_stateful(obj):
-                obj.load_state_dict(tree[name])
+                load_into(obj, source, key=name, strict=strict)
+            elif is_stateful(obj):
+                obj.load_state_dict(read_source(source, key=name))
             elif isinstance(obj, dict):
+                value = read_source(source, key=name)
                 obj.clear()
-                obj.update(tree[name])
+                obj.update(value)
             else:
                 raise InvalidArgumentError(
                     f"Cannot restore {name!r} into a {type(obj).__name__}: pass an object with "
                     "load_state_dict(), or a dict to be updated in place."
                 )
-        if self.rng and RNG_KEY in tree:
-            RNGState().load_state_dict(tree[RNG_KEY])
-
-
-def _is_stateful(obj: Any) -> bool:
-    return callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))
-
-
-def _with_step(record: CheckpointRecord, step: int) -> CheckpointRecord:
-    return CheckpointRecord(step, record.path, record.metrics, record.metadata, record.created, record.size)
-
-
-def _record(storage: Storage, key: str, manifest: Manifest) -> CheckpointRecord:
-    meta = manifest.metadata
-    user = meta.get("metadata")
-    try:
-        created = datetime.datetime.fromisoformat(manifest.created.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        created = 0.0
-    return CheckpointRecord(
-        step=int(meta.get("step", -1)),
-        path=storage.describe(key),
-        metrics=_read_metrics(meta.get("metrics")),
-        metadata=user if isinstance(user, dict) else {},
-        created=created,
-        size=sum(s.size for s in manifest.shards),
-    )
-
-
-def read_records(storage: Storage, prefix: str, *, warn: bool = True) -> list[CheckpointRecord]:
-    """The committed checkpoints of a manager directory by step, read without taking its lock.
-
-    A checkpoint whose manifest cannot be read is left out (with a warning when ``warn``).
-    """
-    records = []
-    for name in storage.list(prefix):
-        match = _NAME.match(name)
-        if not match:
-            continue
-        key = f"{prefix}/{name}" if prefix else name
-        try:
-            record = _record(storage, key, read_manifest(storage, key))
-        except TorchkeepError as err:
-            if warn:
-                warnings.warn(f"Skipping checkpoint {name}: {err}", RuntimeWarning, stacklevel=3)
-            continue
-        records.append(record if record.step == int(match.group(1)) else _with_step(record, int(match.group(1))))
-    return sorted(records, key=lambda r: r.step)
+        if self.rng and RNG_KEY in saved:
+            RNGState().load_state_dict(read_source(source, key=RNG_KEY))

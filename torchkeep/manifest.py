@@ -41,7 +41,7 @@ from torchkeep.errors import (
 )
 from torchkeep.integrity import CHECKSUM_ALGORITHM, checksum
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MANIFEST_NAME", "Manifest", "ShardEntry", "TensorEntry"]
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MANIFEST_NAME", "Manifest", "ShardEntry", "TensorEntry", "utc_now"]
 
 FORMAT_NAME = "torchkeep.checkpoint"
 #: The newest format this torchkeep reads and writes. Version 2 adds compressed
@@ -105,7 +105,8 @@ class ShardEntry:
         return out
 
 
-def _now() -> str:
+def utc_now() -> str:
+    """The current time as ISO 8601 in UTC with microseconds, as every torchkeep file records it."""
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
@@ -146,7 +147,7 @@ class Manifest:
     tensors: tuple[TensorEntry, ...]
     shards: tuple[ShardEntry, ...]
     metadata: dict[str, Any] = field(default_factory=dict)
-    created: str = field(default_factory=_now)
+    created: str = field(default_factory=utc_now)
     provenance: dict[str, str] = field(default_factory=provenance)
     checksum_algorithm: str = CHECKSUM_ALGORITHM
     format_version: int = 1  # 2 only when a shard is compressed, so older readers keep reading the rest

@@ -321,7 +321,7 @@ def _check_optimizer(optimizer: torch.optim.Optimizer, state: Any, where: str, r
 
 def load_into(
     target: Any,
-    source: str | os.PathLike[str] | Mapping[str, Any],
+    source: str | os.PathLike[str] | Mapping[str, Any] | Source,
     *,
     strict: bool = True,
     rename: Rename = None,
@@ -346,8 +346,8 @@ def load_into(
     Args:
         target: an ``nn.Module``, a ``torch.optim.Optimizer``, or any object with
             ``state_dict()``/``load_state_dict()``.
-        source: a checkpoint path in any format :func:`torchkeep.load` reads, or
-            an in-memory state dict.
+        source: a checkpoint path in any format :func:`torchkeep.load` reads, an
+            in-memory state dict, or a checkpoint already opened by torchkeep.
         strict: raise :class:`StateMismatchError` listing every missing,
             unexpected and mismatched key. ``False`` loads what matches.
         rename: a dict of prefix replacements (``{"encoder.": "backbone."}``), a
@@ -392,8 +392,12 @@ def load_into(
             f"Cannot load into a {type(target).__name__}: it needs state_dict() and load_state_dict()."
         )
     opened, where = _open(source, storage)
-    tree = source if opened is None else read_source(opened, map_location=map_location, dtype=dtype, verify=verify)
-    state = _select(tree, key, where)
+    if opened is None:
+        state = _select(source, key, where)
+    elif isinstance(key, str) and key in (opened.top_level_names() or []):
+        state = read_source(opened, map_location=map_location, dtype=dtype, verify=verify, key=key)  # that part only
+    else:
+        state = _select(read_source(opened, map_location=map_location, dtype=dtype, verify=verify), key, where)
     report = LoadReport()
     if isinstance(target, torch.optim.Optimizer):
         _check_optimizer(target, state, where, report)

@@ -9,42 +9,32 @@ from typing import Any
 
 from torchkeep.compression import Compression
 from torchkeep.errors import CheckpointExistsError, InvalidArgumentError, StorageError, TorchkeepError
+from torchkeep.formats.detect import Format
 from torchkeep.formats.native import DEFAULT_MAX_SHARD_SIZE, write_native
 from torchkeep.formats.pth import write_pth
 from torchkeep.formats.safetensors_file import write_safetensors
 from torchkeep.formats.shard import PlannedTensor, plan_tensors
 from torchkeep.manifest import MANIFEST_NAME, Manifest, check_metadata
-from torchkeep.storage import Storage, resolve
+from torchkeep.storage import Storage, join_key, resolve
 from torchkeep.tree import encode_tree
 
 __all__ = ["SaveJob", "prepare_save", "save", "write_job"]
 
-_TORCH_SUFFIXES = (".pth", ".pt")
 
-
-def format_for_path(key: str) -> str:
-    """The format a path asks for by its name."""
-    if key.endswith(".safetensors"):
-        return "safetensors"
-    if key.endswith(_TORCH_SUFFIXES):
-        return "torch-zip"
-    return "torchkeep"
-
-
-def _check_target(storage: Storage, key: str, fmt: str) -> None:
+def _check_target(storage: Storage, key: str, fmt: Format) -> None:
     """Refuse to replace anything that is not a checkpoint of the same shape."""
     if not storage.exists(key):
         return
     where = storage.describe(key)
     if storage.is_dir(key):
-        if fmt == "torchkeep" and (not storage.list(key) or storage.exists(f"{key}/{MANIFEST_NAME}")):
+        if fmt == Format.NATIVE and (not storage.list(key) or storage.exists(join_key(key, MANIFEST_NAME))):
             return
         raise CheckpointExistsError(
             f"{where!r} is a directory that is not a torchkeep checkpoint; it is left untouched. "
             "Remove it or save to another path.",
             path=where,
         )
-    if fmt == "torchkeep":
+    if fmt == Format.NATIVE:
         raise CheckpointExistsError(
             f"{where!r} is a file, and a native checkpoint is a directory; the file is left untouched. "
             "Remove it, save to another path, or add .safetensors or .pth to the name for a single file.",
@@ -52,7 +42,7 @@ def _check_target(storage: Storage, key: str, fmt: str) -> None:
         )
 
 
-@dataclass
+@dataclass(frozen=True)
 class SaveJob:
     """A save that has been validated and planned, ready to be snapshotted and written.
 
@@ -61,12 +51,13 @@ class SaveJob:
     cannot be saved, work out the layout; nothing is written), an optional
     snapshot (:class:`torchkeep.snapshot.StagingBuffer` copies the tensors
     aside, so training may go on), then :func:`write_job` (write, checksum,
-    commit).
+    commit). A job is never changed once planned: the snapshot makes a copy
+    of it (``dataclasses.replace``) that points at the staged tensors.
     """
 
     storage: Storage
     key: str
-    fmt: str
+    fmt: Format
     obj: Any
     tree: Any
     planned: list[PlannedTensor]
@@ -83,28 +74,33 @@ def prepare_save(
     metadata: dict[str, Any] | None = None,
     compression: str | Compression | None = None,
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+    objects: str | None = None,
     storage: Storage | None = None,
 ) -> SaveJob:
-    """Validate and plan a save; raises before anything is written. See :func:`save` for the arguments."""
+    """Validate and plan a save; raises before anything is written.
+
+    ``objects`` is the key of a manager's object folder, where an incremental
+    checkpoint shares unchanged tensors. See :func:`save` for the other arguments.
+    """
     codec = Compression.parse(compression)
     if type(max_shard_size) is not int or max_shard_size <= 0:
         raise InvalidArgumentError(f"max_shard_size must be a positive int of bytes, not {max_shard_size!r}.")
     st, key = resolve(path, storage)
-    fmt = format_for_path(key)
+    fmt = Format.for_path(key)
     meta = check_metadata(metadata)
-    if codec is not None and fmt != "torchkeep":
+    if (codec is not None or objects is not None) and fmt != Format.NATIVE:
         raise InvalidArgumentError(
-            f"compression is for native checkpoints; a {fmt} file cannot hold compressed tensors. "
+            f"compression and shared objects are for native checkpoints; a {fmt} file cannot hold them. "
             "Save to a path without .safetensors/.pth, or drop compression."
         )
-    if fmt == "torch-zip" and meta:
+    if fmt == Format.TORCH_ZIP and meta:
         raise InvalidArgumentError(
             "A .pth file has no place for metadata; save to a native checkpoint or a .safetensors file, "
             "or put the values inside the saved dict."
         )
-    tree, leaves = encode_tree(obj, numpy_ok=fmt != "torch-zip")
+    tree, leaves = encode_tree(obj, numpy_ok=fmt != Format.TORCH_ZIP)
     _check_target(st, key, fmt)
-    return SaveJob(st, key, fmt, obj, tree, plan_tensors(leaves), meta, max_shard_size, codec)
+    return SaveJob(st, key, fmt, obj, tree, plan_tensors(leaves), meta, max_shard_size, codec, objects)
 
 
 def write_job(job: SaveJob) -> Manifest | None:
@@ -128,10 +124,10 @@ def write_job(job: SaveJob) -> Manifest | None:
 
 
 def _write(job: SaveJob) -> Manifest | None:
-    if job.fmt == "torch-zip":
+    if job.fmt == Format.TORCH_ZIP:
         write_pth(job.storage, job.key, job.obj)
         return None
-    if job.fmt == "safetensors":
+    if job.fmt == Format.SAFETENSORS:
         return write_safetensors(job.storage, job.key, job.tree, job.planned, job.metadata)
     return write_native(
         job.storage, job.key, job.tree, job.planned, job.metadata,
