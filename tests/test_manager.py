@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -9,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 import warnings
 from pathlib import Path
@@ -402,3 +404,56 @@ def test_sigterm_saves_at_the_next_step_and_exits_cleanly(tmp_path: Path) -> Non
     with torchkeep.CheckpointManager(tmp_path) as mgr:
         assert mgr.latest().step == last_step  # type: ignore[union-attr]
         assert last_step < 1000
+
+
+RESTORE_PEAK = textwrap.dedent(
+    """
+    import json, re, sys
+    import torch, torchkeep
+    from torch import nn
+
+    def status(field):
+        text = open("/proc/self/status").read()
+        return int(re.search(rf"^{field}:\\s+(\\d+) kB", text, re.M).group(1)) * 1024
+
+    path, mode, compression = sys.argv[1], sys.argv[2], sys.argv[3] or None
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(2048, 2048, bias=False) for _ in range(32)])  # 32 x 16 MiB = 512 MiB
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    mgr = torchkeep.CheckpointManager(path, compression=compression)
+    if mode == "save":
+        mgr.save(1, model=model, optimizer=optimizer)
+        sys.exit(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = status("VmRSS")
+    record = mgr.restore(model=model, optimizer=optimizer)
+    extra = status("VmHWM") - before
+    torch.manual_seed(0)
+    again = nn.Sequential(*[nn.Linear(2048, 2048, bias=False) for _ in range(32)])
+    same = all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
+    print(json.dumps({"extra_peak": extra, "step": record.step, "same": same}))
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("compression", ["", "zstd"])
+def test_restore_streams_with_extra_memory_near_a_few_tensors(tmp_path: Path, compression: str) -> None:
+    largest = 16 * 1024 * 1024
+    path = str(tmp_path / "run")
+    subprocess.run([sys.executable, "-c", RESTORE_PEAK, path, "save", compression], check=True, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-c", RESTORE_PEAK, path, "restore", compression],
+        check=True,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    result = json.loads(out.stdout)
+    assert result["step"] == 1 and result["same"]
+    extra = result["extra_peak"]
+    assert extra < 4 * largest, f"restore added {extra / 2**20:.1f} MiB at peak for a 512 MiB model of 16 MiB tensors"

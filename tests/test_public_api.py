@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 import torchkeep
 from torchkeep import errors
 
@@ -37,6 +39,7 @@ def test_public_names_are_pinned() -> None:
         "Registry",
         "VersionDiff",
         "StateMismatchError",
+        "Stateful",
         "Storage",
         "StorageError",
         "TensorInfo",
@@ -83,3 +86,14 @@ def test_errors_carry_path_and_key() -> None:
     assert (err.path, err.key, str(err)) == ("/x", "w", "bad")
     damaged = errors.ChecksumMismatchError("bad", path="/x", damaged=["a", "b"])
     assert damaged.key == "a" and damaged.damaged == ["a", "b"]
+
+
+def test_stateful_protocol_fits_torch_objects_as_they_are() -> None:
+    from torch import nn
+
+    model = nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1)
+    for obj in (model, optimizer, scheduler, torchkeep.RNGState()):
+        assert isinstance(obj, torchkeep.Stateful)
+    assert not isinstance({"a": 1}, torchkeep.Stateful)

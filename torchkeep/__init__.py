@@ -42,6 +42,7 @@ from torchkeep.retention import (
 )
 from torchkeep.rng import RNGState
 from torchkeep.saving import save
+from torchkeep.stateful import Stateful
 from torchkeep.storage import LocalStorage, MemoryStorage, Storage, Transaction
 
 __all__ = [
@@ -72,6 +73,7 @@ __all__ = [
     "RetentionPolicy",
     "SaveHandle",
     "StateMismatchError",
+    "Stateful",
     "Storage",
     "StorageError",
     "TensorInfo",

@@ -16,7 +16,6 @@ registering at once never get the same number and never lose a registration.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
 import math
 import os
@@ -37,7 +36,7 @@ from torchkeep.errors import (
 from torchkeep.formats.native import read_manifest
 from torchkeep.loading import load, verify
 from torchkeep.locking import FolderLock
-from torchkeep.manifest import check_metadata
+from torchkeep.manifest import check_metadata, utc_now
 from torchkeep.model_loading import load_into
 from torchkeep.report import LoadReport
 from torchkeep.retention import CheckpointRecord
@@ -117,10 +116,6 @@ def _check_name(kind: str, value: object) -> str:
             f"{kind} {value!r} is not valid: use letters, digits, '.', '_' and '-', starting with a letter or digit."
         )
     return value
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 class Registry:
@@ -272,7 +267,7 @@ class Registry:
             record = {
                 "name": name,
                 "version": version,
-                "created": _now(),
+                "created": utc_now(),
                 "metadata": meta,
                 "tags": list(tags or ()),
                 "description": description,
@@ -310,7 +305,7 @@ class Registry:
 
     def _write_alias(self, name: str, alias: str, version: int) -> None:
         with self._storage.begin(self._key("models", name, "aliases", alias), directory=False) as txn, txn.open() as f:
-            f.write(json.dumps({"version": version, "updated": _now()}).encode())
+            f.write(json.dumps({"version": version, "updated": utc_now()}).encode())
 
     def set_alias(self, name: str, alias: str, version: int) -> None:
         """Point ``alias`` (``"production"``) at a version; an alias moves, versions never change."""
