@@ -37,6 +37,7 @@ from torchkeep.errors import (
     UnsupportedFormatError,
 )
 from torchkeep.formats import open_checkpoint
+from torchkeep.formats.native import open_native
 from torchkeep.formats.source import Source
 from torchkeep.loading import read_source
 from torchkeep.locking import FolderLock
@@ -52,6 +53,8 @@ from torchkeep.retention import (
     KeepLast,
     RetentionPolicy,
     best_record,
+    positive_count,
+    positive_seconds,
     steps_to_delete,
 )
 from torchkeep.rng import RNGState
@@ -176,6 +179,9 @@ class _Committer:
     def commit(self, job: SaveJob, step: int) -> CheckpointRecord:
         manifest = write_job(job)
         assert manifest is not None  # a manager writes native checkpoints
+        # Read it back (manifest, shard sizes and headers) before anything older may be deleted:
+        # retention must never run after a commit that readers would refuse.
+        open_native(self.run.storage, job.key).stored  # noqa: B018 - checking, not using
         record = self.run.remember(step, manifest)
         protect = frozenset({step})  # even when older steps than the newest are saved again
         records = self.run.records()
@@ -264,9 +270,16 @@ class CheckpointManager:
             raise InvalidArgumentError(f'mode must be "min" or "max", not {mode!r}.')
         if keep_best is not None and monitor is None:
             raise InvalidArgumentError("keep_best needs monitor=, the metric that ranks checkpoints.")
-        for name, value in (("save_every", save_every), ("save_interval", save_interval)):
-            if value is not None and not (isinstance(value, (int, float)) and value > 0):
-                raise InvalidArgumentError(f"{name} must be a positive number, not {value!r}.")
+        if save_every is not None:
+            positive_count("save_every", save_every)
+        if save_interval is not None:
+            positive_seconds("save_interval", save_interval)
+        if max_staging_bytes is not None:
+            positive_count("max_staging_bytes", max_staging_bytes)
+        if retention is not None and not isinstance(retention, RetentionPolicy):
+            raise InvalidArgumentError(
+                f"retention must have a keep(records) method (a RetentionPolicy), not a {type(retention).__name__}."
+            )
         policies: list[RetentionPolicy] = []
         if keep_last is not None:
             policies.append(KeepLast(keep_last))

@@ -50,7 +50,10 @@ FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 #: The manifest's own checksum: the tree and every plain value are covered, not only tensor bytes.
 MANIFEST_CHECKSUM = "manifest_checksum"
-MAX_MANIFEST_BYTES = 256 * 1024 * 1024
+#: The largest manifest (or embedded manifest, or sharded-safetensors index) read or written.
+#: Parsing JSON costs up to ~22x its size in Python objects, so this bounds a reader's memory
+#: near 1.4 GiB; a manifest of 100,000 tensors is about 32 MiB.
+MAX_MANIFEST_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -166,9 +169,17 @@ class Manifest:
         }
 
     def to_bytes(self) -> bytes:
+        """The manifest as written; refuses one that readers would refuse as too large."""
         data = self.to_json()
         data[MANIFEST_CHECKSUM] = _canonical_checksum(data)
-        return json.dumps(data, indent=1, ensure_ascii=True, allow_nan=False).encode("ascii")
+        raw = json.dumps(data, indent=1, ensure_ascii=True, allow_nan=False).encode("ascii")
+        if len(raw) > MAX_MANIFEST_BYTES:
+            raise UnsupportedObjectError(
+                f"The manifest would be {len(raw)} bytes, over the {MAX_MANIFEST_BYTES}-byte limit that "
+                "every reader applies; nothing was saved. Store large bytes or string values as tensors "
+                "(torch.frombuffer), and metadata as a few small values.",
+            )
+        return raw
 
     @classmethod
     def from_json(cls, data: object, *, path: str | None = None) -> Manifest:

@@ -56,9 +56,16 @@ class RetentionPolicy(Protocol):
     def keep(self, records: Sequence[CheckpointRecord]) -> set[int]: ...
 
 
-def _positive(name: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and value > 0):
-        raise InvalidArgumentError(f"{name} must be a positive number, not {value!r}.")
+def positive_count(name: str, value: object) -> None:
+    """Refuse anything but a positive int (a bool, a float such as 2.5 or inf, a numpy value, a string)."""
+    if type(value) is not int or value <= 0:
+        raise InvalidArgumentError(f"{name} must be a positive int, not {value!r}.")
+
+
+def positive_seconds(name: str, value: object) -> None:
+    """Refuse anything but a positive, finite number of seconds."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise InvalidArgumentError(f"{name} must be a positive, finite number of seconds, not {value!r}.")
 
 
 @dataclass(frozen=True)
@@ -68,7 +75,7 @@ class KeepLast:
     n: int
 
     def __post_init__(self) -> None:
-        _positive("KeepLast.n", self.n)
+        positive_count("KeepLast.n", self.n)
 
     def keep(self, records: Sequence[CheckpointRecord]) -> set[int]:
         return {r.step for r in sorted(records, key=lambda r: r.step)[-self.n :]}
@@ -96,7 +103,9 @@ class KeepBest:
     mode: Literal["min", "max"] = "min"
 
     def __post_init__(self) -> None:
-        _positive("KeepBest.k", self.k)
+        positive_count("KeepBest.k", self.k)
+        if not isinstance(self.monitor, str) or not self.monitor:
+            raise InvalidArgumentError(f"KeepBest.monitor must be a metric name, not {self.monitor!r}.")
         if self.mode not in ("min", "max"):
             raise InvalidArgumentError(f'mode must be "min" or "max", not {self.mode!r}.')
 
@@ -112,7 +121,7 @@ class KeepEvery:
     steps: int
 
     def __post_init__(self) -> None:
-        _positive("KeepEvery.steps", self.steps)
+        positive_count("KeepEvery.steps", self.steps)
 
     def keep(self, records: Sequence[CheckpointRecord]) -> set[int]:
         return {r.step for r in records if r.step % self.steps == 0}
@@ -125,7 +134,7 @@ class KeepInterval:
     seconds: float
 
     def __post_init__(self) -> None:
-        _positive("KeepInterval.seconds", self.seconds)
+        positive_seconds("KeepInterval.seconds", self.seconds)
 
     def keep(self, records: Sequence[CheckpointRecord]) -> set[int]:
         kept: set[int] = set()

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import collections
 import errno
 import os
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from torchkeep.compression import Compression
 from torchkeep.errors import CheckpointExistsError, InvalidArgumentError, StorageError, TorchkeepError
@@ -98,7 +101,7 @@ def prepare_save(
             "A .pth file has no place for metadata; save to a native checkpoint or a .safetensors file, "
             "or put the values inside the saved dict."
         )
-    tree, leaves = encode_tree(obj, numpy_ok=fmt != Format.TORCH_ZIP)
+    tree, leaves = encode_tree(obj, numpy_ok=fmt != Format.TORCH_ZIP, in_manifest=fmt != Format.TORCH_ZIP)
     _check_target(st, key, fmt)
     return SaveJob(st, key, fmt, obj, tree, plan_tensors(leaves), meta, max_shard_size, codec, objects)
 
@@ -125,7 +128,7 @@ def write_job(job: SaveJob) -> Manifest | None:
 
 def _write(job: SaveJob) -> Manifest | None:
     if job.fmt == Format.TORCH_ZIP:
-        write_pth(job.storage, job.key, job.obj)
+        write_pth(job.storage, job.key, _compact(job.obj, {}))
         return None
     if job.fmt == Format.SAFETENSORS:
         return write_safetensors(job.storage, job.key, job.tree, job.planned, job.metadata)
@@ -133,6 +136,39 @@ def _write(job: SaveJob) -> Manifest | None:
         job.storage, job.key, job.tree, job.planned, job.metadata,
         max_shard_size=job.max_shard_size, compression=job.compression, objects=job.objects,
     )  # fmt: skip
+
+
+def _compact(obj: Any, memo: dict[int, Any]) -> Any:
+    """The tree with each tensor that views part of a larger storage copied to a storage of its own.
+
+    ``torch.save`` writes a tensor's whole storage, so a 5-element slice of a
+    40 MB buffer would carry the 40 MB, values the caller never meant to
+    save, into the file. A tensor met twice (tied) stays one tensor.
+    """
+    if isinstance(obj, torch.Tensor):
+        if id(obj) in memo:
+            return memo[id(obj)]
+        nbytes = obj.numel() * obj.element_size()
+        copy = obj
+        if obj.layout == torch.strided and obj.untyped_storage().nbytes() > nbytes:
+            data = obj.detach().clone(memory_format=torch.contiguous_format)
+            copy = (
+                torch.nn.Parameter(data, requires_grad=obj.requires_grad)
+                if isinstance(obj, torch.nn.Parameter)
+                else data
+            )
+        memo[id(obj)] = copy
+        return copy
+    if isinstance(obj, dict):
+        out = type(obj)() if type(obj) in (dict, collections.OrderedDict) else dict()
+        for key, value in obj.items():
+            out[key] = _compact(value, memo)
+        if hasattr(obj, "_metadata"):
+            out._metadata = obj._metadata  # type: ignore[attr-defined]
+        return out
+    if type(obj) in (list, tuple):
+        return type(obj)(_compact(v, memo) for v in obj)
+    return obj
 
 
 def save(

@@ -28,7 +28,30 @@ from torchkeep.errors import CorruptCheckpointError, UnsupportedObjectError
 __all__ = ["ArrayLeaf", "decode_tree", "encode_tree", "location", "select_node", "tensor_names"]
 
 MAX_DEPTH = 256
+#: str and bytes values travel inside the manifest; past this they could not be read back.
+MAX_TEXT_BYTES = 48 * 1024 * 1024
 _PLAIN = (type(None), bool, int, str)
+_RESERVED_NAME = "__metadata__"  # the safetensors header's own entry
+#: Views that repeat their storage's bytes (stride 0) are saved whole up to this size, then refused.
+MAX_EXPANSION_BYTES = 16 * 1024 * 1024
+
+
+def _VALID_NAME(name: str) -> bool:
+    if "\x00" in name:
+        return False
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate
+        return False
+    return True
+
+
+def _covered_bytes(t: torch.Tensor) -> int:
+    """How many distinct bytes of its storage a strided tensor covers at most (its span)."""
+    if t.numel() == 0:
+        return 0
+    span = 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride(), strict=True))
+    return span * t.element_size()
 
 
 @dataclass(eq=False)
@@ -53,12 +76,23 @@ class _Encoder:
     def __init__(self, *, numpy_ok: bool) -> None:
         self.numpy_ok = numpy_ok
         self.leaves: list[ArrayLeaf] = []
+        self.text_bytes = 0  # JSON bytes of the str and bytes values, to refuse an oversized manifest early
         self._names: set[str] = set()
         self._by_view: dict[tuple[object, ...], str] = {}
         self._active: set[int] = set()
 
     def name_for(self, parts: list[object]) -> str:
+        """A unique tensor name from the tree path, that every safetensors reader accepts.
+
+        The tree maps names back to places, so a name only has to be unique
+        and valid: NUL and lone surrogates are escaped, and the header's
+        reserved ``__metadata__`` is never used.
+        """
         base = ".".join(str(p) for p in parts) or "tensor"
+        if not _VALID_NAME(base):
+            base = base.encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace").replace("\x00", "\\0")
+        if base == _RESERVED_NAME:
+            base += "#1"
         name, n = base, 1
         while name in self._names:
             n += 1
@@ -69,6 +103,8 @@ class _Encoder:
     def encode(self, obj: Any, parts: list[object]) -> Any:
         kind = type(obj)
         if kind in _PLAIN:
+            if kind is str:
+                self.text_bytes += len(obj)
             return obj
         if kind is float:
             if math.isfinite(obj):
@@ -85,6 +121,7 @@ class _Encoder:
         if kind is torch.device:
             return {"t": "device", "v": str(obj)}
         if kind is bytes:
+            self.text_bytes += (len(obj) + 2) // 3 * 4
             return {"t": "bytes", "b64": base64.b64encode(obj).decode("ascii")}
         if kind in (dict, collections.OrderedDict, list, tuple):
             return self.container(obj, parts)
@@ -121,13 +158,19 @@ class _Encoder:
 
     def tensor(self, obj: torch.Tensor, parts: list[object]) -> dict[str, Any]:
         where = location(parts)
+        if obj.is_nested:
+            raise _unsupported(
+                parts,
+                "it is a nested tensor, whose pieces have different shapes",
+                "Save its pieces as a list (obj.unbind()), or a padded tensor (obj.to_padded_tensor(0.0)).",
+            )
         if type(obj) not in (torch.Tensor, torch.nn.Parameter):
             raise _unsupported(
                 parts,
                 f"it is a tensor subclass ({type(obj).__name__})",
                 "Save a plain tensor instead (for example obj.as_subclass(torch.Tensor) or its full_tensor()).",
             )
-        if obj.layout != torch.strided or obj.is_nested:
+        if obj.layout != torch.strided:
             raise _unsupported(
                 parts, f"it is a {obj.layout} tensor", "Convert it with .to_dense() or save its components."
             )
@@ -136,9 +179,20 @@ class _Encoder:
                 parts, "it is on the meta device and has no data", "Materialize it (to_empty() and initialize) first."
             )
         check_savable_dtype(obj.dtype, where)
+        nbytes = obj.numel() * obj.element_size()
+        if nbytes > MAX_EXPANSION_BYTES and nbytes > 16 * _covered_bytes(obj):
+            raise _unsupported(
+                parts,
+                f"it is an expanded view (strides {tuple(obj.stride())}) that repeats "
+                f"{_covered_bytes(obj)} bytes into {nbytes}, and saving it would write every repeat",
+                "Save the tensor before expand() and expand it again after loading, "
+                "or call .contiguous() first if the full copy is what you mean.",
+            )
         node: dict[str, Any] = {"t": "tensor"}
+        # Two places hold the same tensor only if every view property matches, the lazy
+        # conjugate and negative bits included (c and c.conj() share storage and strides).
         view = (obj.untyped_storage().data_ptr(), obj.storage_offset(), *obj.shape, *obj.stride(),
-                obj.dtype, str(obj.device), obj.dim())  # fmt: skip
+                obj.dtype, str(obj.device), obj.dim(), obj.is_conj(), obj.is_neg())  # fmt: skip
         shared = self._by_view.get(view) if obj.numel() else None
         if shared is None:
             shared = self.name_for(parts)
@@ -189,17 +243,26 @@ class _Encoder:
         )
 
 
-def encode_tree(obj: Any, *, numpy_ok: bool = True) -> tuple[Any, list[ArrayLeaf]]:
+def encode_tree(obj: Any, *, numpy_ok: bool = True, in_manifest: bool = True) -> tuple[Any, list[ArrayLeaf]]:
     """Encode a state tree as a JSON node and the arrays it holds.
 
     Tensors that are the same view of the same storage (tied weights) become
-    one leaf referenced from every place they appear.
+    one leaf referenced from every place they appear. With ``in_manifest``
+    the str and bytes values must fit in a manifest readers accept.
 
     Raises:
         UnsupportedObjectError: a value cannot be saved; the message names its place.
     """
     encoder = _Encoder(numpy_ok=numpy_ok)
-    return encoder.encode(obj, []), encoder.leaves
+    node = encoder.encode(obj, [])
+    if in_manifest and encoder.text_bytes > MAX_TEXT_BYTES:
+        raise UnsupportedObjectError(
+            f"Cannot save this state: its str and bytes values take {encoder.text_bytes} bytes of the manifest, "
+            f"over the {MAX_TEXT_BYTES}-byte limit that readers apply. Store large bytes or text as tensors "
+            "(torch.frombuffer(bytearray(data), dtype=torch.uint8)).",
+            key="state",
+        )
+    return node, encoder.leaves
 
 
 class _Decoder:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from torchkeep.dtypes import safetensors_code, safetensors_numpy_code, torch_dtype_name
-from torchkeep.errors import CorruptCheckpointError, UnsupportedFormatError
+from torchkeep.errors import CorruptCheckpointError, UnsupportedFormatError, UnsupportedObjectError
 from torchkeep.integrity import checksum
 from torchkeep.manifest import TensorEntry, strict_json
 from torchkeep.storage import Storage
@@ -122,6 +122,12 @@ def _header_bytes(planned: list[PlannedTensor], offsets: list[tuple[int, int]], 
         header[p.name] = {"dtype": p.code, "shape": shape, "data_offsets": [begin, end]}
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode("ascii")
     raw += b" " * (-len(raw) % 8)
+    if len(raw) > MAX_HEADER_BYTES:
+        raise UnsupportedObjectError(
+            f"The safetensors header would be {len(raw)} bytes, over the {MAX_HEADER_BYTES}-byte limit that "
+            "readers apply; nothing was saved. Save to a native checkpoint (a path without a suffix), or keep "
+            "large values out of the tree and metadata."
+        )
     return len(raw).to_bytes(8, "little") + raw
 
 

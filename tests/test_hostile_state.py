@@ -1,0 +1,244 @@
+"""What save accepts, load reads back: names, sizes, views, objects and options an outsider would try."""
+
+from __future__ import annotations
+
+import math
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import torchkeep
+from torchkeep.manifest import MAX_MANIFEST_BYTES
+from torchkeep.tree import MAX_TEXT_BYTES
+
+from .conftest import assert_same
+
+SUFFIXES = ["", ".safetensors"]
+
+
+# -- names that the file layer reserves or refuses ---------------------------------------------
+
+ODD_KEYS = ["__metadata__", "a\x00b", "\x00", "s\ud800", "\udfff", "__metadata__#1", "üñï", "a/b", ""]
+
+
+@pytest.mark.parametrize("suffix", SUFFIXES)
+@pytest.mark.parametrize("nested", [False, True])
+def test_every_key_save_accepts_loads_back(tmp_path: Path, suffix: str, nested: bool) -> None:
+    leaves = {key: torch.full((2,), float(i)) for i, key in enumerate(ODD_KEYS)}
+    state: dict[str, Any] = {"inner": leaves} if nested else leaves
+    torchkeep.save(state, tmp_path / f"ckpt{suffix}")
+    assert_same(torchkeep.load(tmp_path / f"ckpt{suffix}"), state)
+    assert torchkeep.verify(tmp_path / f"ckpt{suffix}").tensors == len(ODD_KEYS)
+
+
+def test_odd_keys_in_a_manager_leave_retention_working(tmp_path: Path) -> None:
+    with torchkeep.CheckpointManager(tmp_path, keep_last=1) as mgr:
+        for step in (1, 2, 3):
+            mgr.save(step, state={"__metadata__": torch.ones(1) * step, "x\x00": torch.zeros(1)})
+        assert [r.step for r in mgr.list()] == [3]
+        state: dict[str, Any] = {}
+        assert mgr.restore(state=state) is not None
+        assert state["__metadata__"].item() == 3.0
+
+
+# -- sizes past what readers accept ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", SUFFIXES)
+@pytest.mark.parametrize("kind", ["bytes", "str", "many small"])
+def test_values_too_large_for_a_manifest_are_refused_before_writing(tmp_path: Path, suffix: str, kind: str) -> None:
+    size = MAX_TEXT_BYTES + 1024
+    value: Any = {"bytes": b"x" * size, "str": "y" * size, "many small": [b"z" * 1024] * (size // 1024 + 1)}[kind]
+    with pytest.raises(torchkeep.UnsupportedObjectError, match="over the .*-byte limit that readers apply"):
+        torchkeep.save({"w": torch.ones(2), "blob": value}, tmp_path / f"ckpt{suffix}")
+    assert list(tmp_path.iterdir()) == []  # nothing written, nothing staged
+
+
+def test_a_large_value_is_fine_in_a_pth(tmp_path: Path) -> None:
+    blob = b"x" * (MAX_TEXT_BYTES + 1024)
+    torchkeep.save({"blob": blob}, tmp_path / "big.pth")
+    assert torchkeep.load(tmp_path / "big.pth")["blob"] == blob
+
+
+@pytest.mark.parametrize("suffix", SUFFIXES)
+def test_metadata_too_large_for_a_manifest_is_refused_and_nothing_is_published(tmp_path: Path, suffix: str) -> None:
+    metadata = {f"k{i}": "v" * 1000 for i in range(MAX_MANIFEST_BYTES // 1000 + 10)}
+    with pytest.raises(torchkeep.UnsupportedObjectError, match="limit"):
+        torchkeep.save({"w": torch.ones(2)}, tmp_path / f"ckpt{suffix}", metadata=metadata)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_manager_applies_no_retention_after_a_commit_it_cannot_read_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from torchkeep import manager as manager_module
+
+    with torchkeep.CheckpointManager(tmp_path, keep_last=1) as mgr:
+        mgr.save(1, w=torch.ones(2))
+        real = manager_module.open_native
+
+        def unreadable(storage: Any, key: str) -> Any:
+            if key.endswith("step-00000002"):
+                raise torchkeep.CorruptCheckpointError("cannot read it back", path=key)
+            return real(storage, key)
+
+        monkeypatch.setattr(manager_module, "open_native", unreadable)
+        with pytest.raises(torchkeep.CorruptCheckpointError, match="cannot read it back"):
+            mgr.save(2, w=torch.zeros(2))
+    assert (tmp_path / "step-00000001").is_dir()  # the last good step was not deleted by retention
+    assert torch.equal(torchkeep.load(tmp_path / "step-00000001")["w"], torch.ones(2))
+
+
+# -- views: lazy bits, slices, expansions, nested ----------------------------------------------
+
+
+def lazy_views() -> list[tuple[str, dict[str, torch.Tensor]]]:
+    c = torch.randn(4, dtype=torch.complex64)
+    r = torch.randn(4)
+    return [
+        ("conj", {"c": c, "cc": c.conj()}),
+        ("neg", {"c": c, "n": c._neg_view()}),
+        ("conj of a view", {"v": c[1:], "cv": c[1:].conj()}),
+        ("conj and neg", {"c": c.conj(), "cn": c.conj()._neg_view(), "plain": c}),
+        ("real neg", {"r": r, "n": r._neg_view()}),
+    ]
+
+
+@pytest.mark.parametrize("suffix", [*SUFFIXES, ".pth"])
+@pytest.mark.parametrize(("label", "state"), lazy_views(), ids=[label for label, _ in lazy_views()])
+def test_lazily_conjugated_and_negated_views_keep_their_values(
+    tmp_path: Path, suffix: str, label: str, state: dict[str, torch.Tensor]
+) -> None:
+    torchkeep.save(state, tmp_path / f"ckpt{suffix}")
+    loaded = torchkeep.load(tmp_path / f"ckpt{suffix}")
+    for name, value in state.items():
+        expected = value.resolve_conj().resolve_neg()
+        got = loaded[name].resolve_conj().resolve_neg()
+        assert torch.equal(got, expected), f"{label}: {name} came back as another view's values"
+
+
+def test_a_slice_saved_to_pth_carries_only_its_own_values(tmp_path: Path) -> None:
+    big = torch.full((10_000_000,), 7.0)  # 40 MB
+    big[:5] = torch.arange(5.0)
+    weight = nn.Parameter(big[:5])
+    state = {"slice": big[:5], "param": weight, "tied": weight, "row": torch.eye(1000)[3]}
+    torchkeep.save(state, tmp_path / "small.pth")
+    assert (tmp_path / "small.pth").stat().st_size < 100_000
+    with zipfile.ZipFile(tmp_path / "small.pth") as archive:
+        assert not any(b"\x00\x00\xe0\x40" * 8 in archive.read(i) for i in archive.namelist())  # no run of 7.0
+    loaded = torch.load(tmp_path / "small.pth", weights_only=True)
+    assert torch.equal(loaded["slice"], torch.arange(5.0)) and torch.equal(loaded["row"], torch.eye(1000)[3])
+    assert isinstance(loaded["param"], nn.Parameter) and loaded["param"] is loaded["tied"]
+
+
+@pytest.mark.parametrize("suffix", SUFFIXES)
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torch.zeros(1).expand(10**8),
+        lambda: torch.zeros(4, 1).expand(4, 10**7),
+        lambda: torch.zeros(3)[None].expand(10**7, 3),
+        lambda: torch.as_strided(torch.zeros(8), (10**4, 10**4), (0, 0)),
+    ],
+    ids=["scalar", "column", "row", "as_strided"],
+)
+def test_an_expanded_view_is_refused_instead_of_written_out_whole(tmp_path: Path, suffix: str, make: Any) -> None:
+    with pytest.raises(torchkeep.UnsupportedObjectError, match="expanded view .* would write every repeat"):
+        torchkeep.save({"e": make()}, tmp_path / f"ckpt{suffix}")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_small_expansion_like_position_ids_still_saves(tmp_path: Path) -> None:
+    state = {"position_ids": torch.arange(512).expand((1, -1)), "mask": torch.ones(1, 8).expand(64, 8)}
+    torchkeep.save(state, tmp_path / "ckpt")
+    loaded = torchkeep.load(tmp_path / "ckpt")
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+
+
+@pytest.mark.parametrize("layout", [torch.strided, torch.jagged])
+def test_a_nested_tensor_is_refused_for_being_nested(tmp_path: Path, layout: torch.layout) -> None:
+    with pytest.warns(UserWarning) if layout == torch.strided else _nothing():
+        nested = torch.nested.nested_tensor([torch.ones(2), torch.ones(3)], layout=layout)
+    with pytest.raises(torchkeep.UnsupportedObjectError, match="nested tensor") as caught:
+        torchkeep.save({"n": nested}, tmp_path / "ckpt")
+    assert "unbind" in str(caught.value)
+
+
+class _nothing:  # noqa: N801 - a stand-in context manager
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+# -- damaged objects in an incremental directory ------------------------------------------------
+
+
+def damage_first_object(run: Path, how: str) -> None:
+    objects = sorted((run / "objects").iterdir())
+    target = max(objects, key=lambda p: p.stat().st_size)
+    data = bytearray(target.read_bytes())
+    if how == "bit flip":
+        data[-100] ^= 0x10
+    elif how == "truncated":
+        data = data[: len(data) - 64]
+    elif how == "other bytes":
+        data[-256:] = bytes(256)
+    elif how == "header":
+        data[9] ^= 0xFF
+    target.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["bit flip", "truncated", "other bytes", "header"])
+def test_a_damaged_object_is_rewritten_not_shared(tmp_path: Path, how: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 256), nn.Linear(256, 4))
+    frozen = model[0].weight.detach().clone()
+    with torchkeep.CheckpointManager(tmp_path, incremental=True, rng=False) as mgr:
+        mgr.save(1, model=model)
+        damage_first_object(tmp_path, how)
+        with torch.no_grad():
+            model[1].weight.add_(1.0)  # the frozen layer stays the same: its object would be shared
+        mgr.save(2, model=model)
+    fresh = nn.Sequential(nn.Linear(256, 256), nn.Linear(256, 4))
+    with torchkeep.CheckpointManager(tmp_path) as mgr:
+        record = mgr.restore(step=2, model=fresh)
+    assert record is not None and torch.equal(fresh[0].weight, frozen)
+    torchkeep.verify(tmp_path / "step-00000002")
+    torchkeep.verify(tmp_path / "step-00000001")  # sharing the rewritten object repaired it too
+
+
+# -- options that would fail only after a commit ------------------------------------------------
+
+BAD_OPTIONS: list[dict[str, Any]] = [
+    {"keep_last": 2.5},
+    {"keep_last": math.inf},
+    {"keep_last": True},
+    {"keep_last": 0},
+    {"keep_last": "3"},
+    {"keep_last": np.int64(2)},
+    {"keep_best": 1.5, "monitor": "loss"},
+    {"keep_best": -1, "monitor": "loss"},
+    {"keep_every": 2.0},
+    {"keep_interval": math.inf},
+    {"keep_interval": math.nan},
+    {"keep_interval": -1},
+    {"keep_interval": True},
+    {"save_every": 2.5},
+    {"save_interval": math.nan},
+    {"max_staging_bytes": 1.5},
+    {"retention": 3},
+]
+
+
+@pytest.mark.parametrize("options", BAD_OPTIONS, ids=[repr(o) for o in BAD_OPTIONS])
+def test_bad_options_are_refused_at_construction(tmp_path: Path, options: dict[str, Any]) -> None:
+    with pytest.raises(torchkeep.InvalidArgumentError, match="must be|must have"):
+        torchkeep.CheckpointManager(tmp_path, **options)
+    assert list(tmp_path.iterdir()) == []
