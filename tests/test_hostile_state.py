@@ -54,7 +54,7 @@ def test_odd_keys_in_a_manager_leave_retention_working(tmp_path: Path) -> None:
 def test_values_too_large_for_a_manifest_are_refused_before_writing(tmp_path: Path, suffix: str, kind: str) -> None:
     size = MAX_TEXT_BYTES + 1024
     value: Any = {"bytes": b"x" * size, "str": "y" * size, "many small": [b"z" * 1024] * (size // 1024 + 1)}[kind]
-    with pytest.raises(torchkeep.UnsupportedObjectError, match="over the .*-byte limit that readers apply"):
+    with pytest.raises(torchkeep.UnsupportedObjectError, match=r"over the .*-byte limit that readers apply"):
         torchkeep.save({"w": torch.ones(2), "blob": value}, tmp_path / f"ckpt{suffix}")
     assert list(tmp_path.iterdir()) == []  # nothing written, nothing staged
 
@@ -148,7 +148,7 @@ def test_a_slice_saved_to_pth_carries_only_its_own_values(tmp_path: Path) -> Non
     ids=["scalar", "column", "row", "as_strided"],
 )
 def test_an_expanded_view_is_refused_instead_of_written_out_whole(tmp_path: Path, suffix: str, make: Any) -> None:
-    with pytest.raises(torchkeep.UnsupportedObjectError, match="expanded view .* would write every repeat"):
+    with pytest.raises(torchkeep.UnsupportedObjectError, match=r"expanded view .* would write every repeat"):
         torchkeep.save({"e": make()}, tmp_path / f"ckpt{suffix}")
     assert list(tmp_path.iterdir()) == []
 
@@ -169,7 +169,9 @@ def test_a_nested_tensor_is_refused_for_being_nested(tmp_path: Path, layout: tor
     assert "unbind" in str(caught.value)
 
 
-class _nothing:  # noqa: N801 - a stand-in context manager
+class _nothing:
+    """A context manager that expects nothing."""
+
     def __enter__(self) -> None:
         return None
 
@@ -239,6 +241,6 @@ BAD_OPTIONS: list[dict[str, Any]] = [
 
 @pytest.mark.parametrize("options", BAD_OPTIONS, ids=[repr(o) for o in BAD_OPTIONS])
 def test_bad_options_are_refused_at_construction(tmp_path: Path, options: dict[str, Any]) -> None:
-    with pytest.raises(torchkeep.InvalidArgumentError, match="must be|must have"):
+    with pytest.raises(torchkeep.InvalidArgumentError, match=r"must be|must have"):
         torchkeep.CheckpointManager(tmp_path, **options)
     assert list(tmp_path.iterdir()) == []
