@@ -244,3 +244,76 @@ def test_bad_options_are_refused_at_construction(tmp_path: Path, options: dict[s
     with pytest.raises(torchkeep.InvalidArgumentError, match=r"must be|must have"):
         torchkeep.CheckpointManager(tmp_path, **options)
     assert list(tmp_path.iterdir()) == []
+
+
+# -- values already verified never change under the caller --------------------------------------
+
+
+def scribble_over_shards(checkpoint: Path, *, truncate: bool = False) -> None:
+    """Rewrite every data file in place, as another program could (not how torchkeep writes)."""
+    for shard in checkpoint.glob("data-*"):
+        with open(shard, "r+b") as f:
+            size = shard.stat().st_size
+            if truncate:
+                f.truncate(64)
+            else:
+                f.seek(size // 2)
+                f.write(b"\xff" * (size - size // 2))
+
+
+def test_load_without_mmap_keeps_its_values_when_the_file_changes(tmp_path: Path) -> None:
+    state = {"w": torch.arange(4096.0), "n": np.arange(512.0)}
+    torchkeep.save(state, tmp_path / "ckpt")
+    copied = torchkeep.load(tmp_path / "ckpt", mmap=False)
+    mapped = torchkeep.load(tmp_path / "ckpt")
+    scribble_over_shards(tmp_path / "ckpt")
+    assert torch.equal(copied["w"], state["w"]) and np.array_equal(copied["n"], state["n"])
+    assert not torch.equal(mapped["w"], state["w"])  # the hazard the docs state, for the mapped default
+    scribble_over_shards(tmp_path / "ckpt", truncate=True)
+    assert float(copied["w"].sum()) == float(state["w"].sum())  # touching every page: no SIGBUS
+
+
+def test_restore_and_assign_leave_nothing_backed_by_the_file(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 4))
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 64)).sum().backward()
+    optimizer.step()
+    extra = {"table": torch.arange(1000.0)}
+    holder = Holder(torch.arange(2000.0))
+    with torchkeep.CheckpointManager(tmp_path / "run") as mgr:
+        mgr.save(1, model=model, optimizer=optimizer, extra=extra, holder=holder)
+    torchkeep.save({"model": model.state_dict()}, tmp_path / "weights")
+    expected_model = {k: v.clone() for k, v in model.state_dict().items()}
+    expected_opt = {k: v.clone() for k, v in optimizer.state_dict()["state"][0].items()}
+
+    fresh = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 4))
+    fresh_opt = torch.optim.AdamW(fresh.parameters())
+    table: dict[str, Any] = {}
+    restored_holder = Holder(torch.zeros(1))
+    with torchkeep.CheckpointManager(tmp_path / "run") as mgr:
+        mgr.restore(model=fresh, optimizer=fresh_opt, extra=table, holder=restored_holder)
+    with torch.device("meta"):
+        assigned = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 4))
+    torchkeep.load_into(assigned, tmp_path / "weights", key="model", assign=True)
+    for checkpoint in [*(tmp_path / "run").glob("step-*"), tmp_path / "weights"]:
+        scribble_over_shards(checkpoint)
+    for key, value in expected_model.items():
+        assert torch.equal(fresh.state_dict()[key], value) and torch.equal(assigned.state_dict()[key], value)
+    for key, value in expected_opt.items():
+        assert torch.equal(fresh_opt.state_dict()["state"][0][key], value)
+    assert torch.equal(table["table"], torch.arange(1000.0))
+    assert torch.equal(restored_holder.value, torch.arange(2000.0))
+
+
+class Holder:
+    """A Stateful object of the user's that keeps the tensor it is given."""
+
+    def __init__(self, value: torch.Tensor) -> None:
+        self.value = value
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.value = state["value"]

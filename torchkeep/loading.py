@@ -71,14 +71,22 @@ def load(
     dtype: torch.dtype | None = None,
     verify: bool = True,
     trust: bool = False,
+    mmap: bool = True,
     storage: Storage | None = None,
 ) -> Any:
     """Load a checkpoint of any supported format and return its state tree.
 
-    Native checkpoints and safetensors files are memory-mapped: tensors view the
-    file's pages (copy-on-write), so loading costs no second copy in private
-    memory. ``.pth`` files go through torch's restricted ``weights_only``
-    unpickler only, never plain pickle.
+    By default native checkpoints and safetensors files are memory-mapped:
+    tensors view the file's pages (copy-on-write), so loading costs no second
+    copy in private memory. The values are verified as they are mapped, and
+    stay those values as long as nobody rewrites the file in place: torchkeep
+    never does (a new save of the same path is a new file renamed into place,
+    which leaves mapped pages alone), but another program truncating or
+    overwriting the file changes them, or ends the process with SIGBUS when a
+    truncated page is touched. ``mmap=False`` reads every tensor into private
+    memory instead, verified there, immune to what happens to the file later.
+    ``.pth`` files go through torch's restricted ``weights_only`` unpickler
+    only, never plain pickle.
 
     Args:
         path: a native checkpoint directory, a ``.safetensors`` file, a sharded
@@ -90,6 +98,7 @@ def load(
             callable ``f(tensor, saved_device) -> tensor`` decides per tensor.
         dtype: cast floating-point tensors to this dtype; others are untouched.
         verify: check every tensor's checksum (default). ``False`` skips it.
+        mmap: map the files (default) or, with False, copy every tensor into private memory.
         trust: for a ``.pth`` holding pickled Python objects (a whole model saved
             with ``torch.save(model)``), unpickle it fully, with a warning: only for
             files you wrote yourself, since this runs any code they contain.
@@ -103,7 +112,9 @@ def load(
         UnsupportedFormatError: an unknown format or a newer format version.
     """
     st, key = resolve(path, storage)
-    return read_source(open_checkpoint(st, key), map_location=map_location, dtype=dtype, verify=verify, trust=trust)
+    return read_source(
+        open_checkpoint(st, key), map_location=map_location, dtype=dtype, verify=verify, trust=trust, mmap=mmap
+    )
 
 
 def read_source(
@@ -114,8 +125,12 @@ def read_source(
     verify: bool = True,
     trust: bool = False,
     key: Any = None,
+    mmap: bool = True,
 ) -> Any:
-    """The tree of an opened checkpoint (or its subtree under top-level ``key``), placed and cast as asked."""
+    """The tree of an opened checkpoint (or its subtree under top-level ``key``), placed and cast as asked.
+
+    With ``mmap=False`` every tensor is a private copy (see :func:`load`).
+    """
     if isinstance(source, TorchFileSource):
         ml: Any = "cpu" if map_location is None else map_location
         obj = source.read(map_location=ml, trust=trust)
@@ -129,7 +144,7 @@ def read_source(
         return _cast(_place(value, saved, map_location, name, source.path), dtype)
 
     plain = map_location is None and dtype is None
-    return source.read_tree(verify=verify, key=key, place=None if plain else place)
+    return source.read_tree(verify=verify, key=key, place=None if plain else place, copy=not mmap)
 
 
 def inspect(path: str | os.PathLike[str], *, storage: Storage | None = None) -> CheckpointInfo:

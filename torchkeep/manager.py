@@ -601,9 +601,9 @@ class CheckpointManager:
             if isinstance(obj, (nn.Module, torch.optim.Optimizer)):
                 load_into(obj, source, key=name, strict=strict)
             elif is_stateful(obj):
-                obj.load_state_dict(read_source(source, key=name))
+                obj.load_state_dict(read_source(source, key=name, mmap=False))
             elif isinstance(obj, dict):
-                value = read_source(source, key=name)
+                value = read_source(source, key=name, mmap=False)
                 obj.clear()
                 obj.update(value)
             else:
@@ -612,4 +612,4 @@ class CheckpointManager:
                     "load_state_dict(), or a dict to be updated in place."
                 )
         if self.rng and RNG_KEY in saved:
-            RNGState().load_state_dict(read_source(source, key=RNG_KEY))
+            RNGState().load_state_dict(read_source(source, key=RNG_KEY, mmap=False))

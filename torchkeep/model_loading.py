@@ -204,7 +204,12 @@ def _load_module(
     target = module.state_dict(keep_vars=True)
     opened, where = _open(source, storage)
     if assign:
-        tree = source if opened is None else read_source(opened, map_location=map_location, dtype=dtype, verify=verify)
+        # Private copies: the model's weights must not stay backed by a file that someone may change.
+        tree = (
+            source
+            if opened is None
+            else read_source(opened, map_location=map_location, dtype=dtype, verify=verify, mmap=False)
+        )
         items = dict(flatten_tree(_select(tree, key, where)))
     else:
         meta = [k for k, v in target.items() if isinstance(v, torch.Tensor) and v.is_meta]
@@ -360,8 +365,9 @@ def load_into(
             existing ones; copies always take the target tensor's dtype.
         assign: make the loaded tensors the module's parameters instead of
             copying into them: with a model built on the ``meta`` device, no
-            memory is ever spent on an initialization. The tensors stay mapped
-            from the file until written to.
+            memory is ever spent on an initialization. The tensors are read
+            into private memory (one copy, the model's own), never left as views
+            of a file that could change.
         key: load the subtree under this key (or path of keys) of the checkpoint,
             such as ``"model"`` in a training checkpoint.
         verify: check each tensor's checksum as it is read (default).
@@ -395,9 +401,10 @@ def load_into(
     if opened is None:
         state = _select(source, key, where)
     elif isinstance(key, str) and key in (opened.top_level_names() or []):
-        state = read_source(opened, map_location=map_location, dtype=dtype, verify=verify, key=key)  # that part only
+        state = read_source(opened, map_location=map_location, dtype=dtype, verify=verify, key=key, mmap=False)
     else:
-        state = _select(read_source(opened, map_location=map_location, dtype=dtype, verify=verify), key, where)
+        tree = read_source(opened, map_location=map_location, dtype=dtype, verify=verify, mmap=False)
+        state = _select(tree, key, where)
     report = LoadReport()
     if isinstance(target, torch.optim.Optimizer):
         _check_optimizer(target, state, where, report)

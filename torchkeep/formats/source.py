@@ -16,6 +16,7 @@ all read through a source, so each rule about a format lives in one place.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from collections.abc import Callable, Iterable, Mapping
@@ -163,11 +164,14 @@ class ManifestSource:
     # -- mapping ------------------------------------------------------------------------------
 
     def read_arrays(
-        self, *, verify: bool, build: bool = True, names: Iterable[str] | None = None
+        self, *, verify: bool, build: bool = True, names: Iterable[str] | None = None, copy: bool = False
     ) -> tuple[dict[str, torch.Tensor | np.ndarray], int]:
         """Map the shards and view each tensor in place, checking checksums when ``verify``.
 
-        Compressed tensors are decompressed into private memory one at a time.
+        With ``copy`` each tensor is read into private memory instead, and its
+        checksum taken over that copy: the values then never change, whatever
+        happens to the file later. Compressed tensors are always decompressed
+        into private memory, one at a time.
         With ``build=False`` only the checks run (what ``verify`` needs). Every
         damaged tensor is collected before raising, so one error names them all.
 
@@ -184,10 +188,17 @@ class ManifestSource:
         buffers: dict[str, memoryview] = {}
         mapped: list[tuple[StoredTensor, memoryview]] = []
         for s in stored:
-            if not s.compressed:
-                if s.shard_key not in buffers:
-                    buffers[s.shard_key] = self.storage.map(s.shard_key)
-                mapped.append((s, buffers[s.shard_key]))
+            if s.compressed:
+                continue
+            if copy:
+                own = torch.empty(s.entry.nbytes, dtype=torch.uint8)
+                view = own.numpy().data
+                self.storage.read_into(s.shard_key, s.start, view)
+                mapped.append((dataclasses.replace(s, start=0), view))
+                continue
+            if s.shard_key not in buffers:
+                buffers[s.shard_key] = self.storage.map(s.shard_key)
+            mapped.append((s, buffers[s.shard_key]))
         checked = [(s, buf) for s, buf in mapped if verify and s.entry.checksum]
         digests = checksums([buf[s.start : s.start + s.entry.nbytes] for s, buf in checked])
         damaged = [s.entry.name for (s, _), digest in zip(checked, digests, strict=True) if digest != s.entry.checksum]
@@ -209,15 +220,16 @@ class ManifestSource:
                 arrays[s.entry.name] = materialize(buf, s.start, s.entry, path=self.path)
         return arrays, checked_bytes
 
-    def read_tree(self, *, verify: bool, key: Any = None, place: Place | None = None) -> Any:
+    def read_tree(self, *, verify: bool, key: Any = None, place: Place | None = None, copy: bool = False) -> Any:
         """The tree, or its subtree under top-level ``key``, with its tensors mapped from the shards.
 
         ``place(name, array, saved_device)`` may move or cast each array before
-        the tree is rebuilt (so a tensor stored once stays one tensor).
+        the tree is rebuilt (so a tensor stored once stays one tensor). With
+        ``copy`` the tensors are private copies rather than views of the file.
         """
         node = self.manifest.tree if key is None else select_node(self.manifest.tree, key, path=self.path)
         names = tensor_names(node)
-        arrays, _ = self.read_arrays(verify=verify, names=names)
+        arrays, _ = self.read_arrays(verify=verify, names=names, copy=copy)
         if place is not None:
             devices = {e.name: e.device for e in self.manifest.tensors}
             arrays = {name: place(name, value, devices[name]) for name, value in arrays.items()}
