@@ -317,3 +317,78 @@ class Holder:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.value = state["value"]
+
+
+# -- manifests that lie, with their own checksum recomputed -------------------------------------
+
+LIES: list[Any] = [None, 0, -1, 2**70, 1.5, "x", "", [], {}, [1], [None], {"t": "nope"}, {"t": "tensor", "name": 3}]
+
+
+def paths_in(node: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Every path to a value inside a JSON document."""
+    out = [prefix] if prefix else []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            out += paths_in(value, (*prefix, key))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            out += paths_in(value, (*prefix, index))
+    return out
+
+
+def replaced(document: Any, path: tuple[Any, ...], value: Any) -> Any:
+    import copy
+
+    out = copy.deepcopy(document)
+    node = out
+    for part in path[:-1]:
+        node = node[part]
+    node[path[-1]] = value
+    return out
+
+
+def outcome(call: Any) -> str:
+    try:
+        call()
+    except torchkeep.TorchkeepError as err:
+        return type(err).__name__
+    return "ok"
+
+
+@pytest.mark.parametrize("compression", [None, "zstd"])
+def test_a_lying_manifest_gets_a_typed_error_and_verify_refuses_what_load_refuses(
+    tmp_path: Path, compression: str | None
+) -> None:
+    import json
+    import random
+
+    from .test_hostile import reseal
+
+    weight = nn.Parameter(torch.randn(3, 4))
+    state = {
+        "w": weight,
+        "tied": weight,
+        "n": np.arange(6, dtype=np.int16).reshape(2, 3),
+        "misc": (b"raw", math.nan, {"k": [1, None]}),
+        "half": torch.ones(5, dtype=torch.bfloat16),
+    }
+    torchkeep.save(state, tmp_path / "ckpt", compression=compression)
+    manifest_path = tmp_path / "ckpt" / "manifest.json"
+    good = json.loads(manifest_path.read_text())
+    candidates = [p for p in paths_in(good) if p[0] != "manifest_checksum"]
+    rng = random.Random(0)
+    mismatches = []
+    outcomes: dict[str, int] = {}
+    for _ in range(400):
+        path = rng.choice(candidates)
+        lie = rng.choice(LIES)
+        manifest_path.write_text(json.dumps(reseal(replaced(good, path, lie))))
+        loaded = outcome(lambda: torchkeep.load(tmp_path / "ckpt"))
+        verified = outcome(lambda: torchkeep.verify(tmp_path / "ckpt"))
+        outcome(lambda: torchkeep.inspect(tmp_path / "ckpt"))  # typed or fine, never another exception
+        outcome(lambda: torchkeep.load_into(nn.Linear(4, 3), tmp_path / "ckpt", key="w", strict=False))
+        outcomes[loaded] = outcomes.get(loaded, 0) + 1
+        if (loaded == "ok") != (verified == "ok"):
+            mismatches.append((path, lie, loaded, verified))
+    assert not mismatches, mismatches[:5]
+    assert outcomes.get("CorruptCheckpointError", 0) > 100  # the lies were seen, not skipped

@@ -217,11 +217,19 @@ class Manifest:
                     f"{path!r} uses checksum algorithm {algorithm!r}; this torchkeep knows {CHECKSUM_ALGORITHM!r}.",
                     path=path,
                 )
+            for field_name in ("shards", "tensors"):
+                if type(data[field_name]) is not list:
+                    raise TypeError(f"{field_name} is a {type(data[field_name]).__name__}, not a list")
             shards = tuple(_shard_entry(s, path) for s in data["shards"])
             tensors = tuple(_tensor_entry(t) for t in data["tensors"])
+            for what, names in (("tensor", [t.name for t in tensors]), ("shard", [s.file for s in shards])):
+                if len(set(names)) != len(names):
+                    raise ValueError(f"a {what} name appears twice")
             metadata = data["metadata"]
             if not isinstance(metadata, dict):
                 raise TypeError("metadata is not an object")
+            if not isinstance(data["provenance"], dict):
+                raise TypeError("provenance is not an object")
             return cls(
                 tree=data["tree"],
                 tensors=tensors,
@@ -232,7 +240,7 @@ class Manifest:
                 checksum_algorithm=algorithm,
                 format_version=version,
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError) as exc:
             if isinstance(exc, UnsupportedFormatError):
                 raise
             raise CorruptCheckpointError(
@@ -287,6 +295,8 @@ def _int(value: object) -> int:
 
 
 def _shard_entry(s: dict[str, Any], path: str | None) -> ShardEntry:
+    if type(s) is not dict:
+        raise TypeError(f"a shard entry is a {type(s).__name__}, not an object")
     compression = s.get("compression")
     if compression not in (None, "zstd"):
         raise UnsupportedFormatError(
@@ -299,6 +309,8 @@ def _shard_entry(s: dict[str, Any], path: str | None) -> ShardEntry:
 
 
 def _tensor_entry(t: dict[str, Any]) -> TensorEntry:
+    if type(t) is not dict:
+        raise TypeError(f"a tensor entry is a {type(t).__name__}, not an object")
     if "\x00" in _str(t["name"]):
         raise ValueError(f"tensor name {t['name']!r} holds a NUL byte")
     begin, end = (_int(v) for v in t["offsets"])

@@ -305,6 +305,8 @@ class _Decoder:
                 return self.tensor(node, parts)
             if tag == "ndarray":
                 arr = self.array(node["name"], parts)
+                if self.placeholders and getattr(arr, "kind", "numpy") != "numpy":
+                    raise self.fail(parts, f"{node['name']!r} is not a numpy array")
                 return arr[()] if node.get("scalar") and not self.placeholders else arr
             if tag == "float":
                 return struct.unpack(">d", bytes.fromhex(node["bits"]))[0]
@@ -331,6 +333,8 @@ class _Decoder:
         name = node["name"]
         value = self.array(name, parts)
         if self.placeholders:
+            if getattr(value, "kind", "torch") != "torch":
+                raise self.fail(parts, f"{name!r} is not a tensor")
             return value
         if not isinstance(value, torch.Tensor):
             raise self.fail(parts, f"{name!r} is not a tensor")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from torchkeep.dtypes import numpy_dtype_from_name, torch_dtype_from_name
 from torchkeep.errors import ChecksumMismatchError, CorruptCheckpointError
 from torchkeep.formats.compressed import read_compressed
 from torchkeep.formats.detect import Format
@@ -57,9 +59,22 @@ class StoredTensor:
 
     @property
     def dtype(self) -> torch.dtype:
-        from torchkeep.dtypes import torch_dtype_from_name
-
         return torch_dtype_from_name(self.entry.dtype, key=self.entry.name)
+
+
+def _check_size(entry: TensorEntry, path: str) -> None:
+    """Refuse an entry whose dtype this torch lacks, or whose byte count is not its shape's."""
+    if entry.kind == "torch":
+        itemsize = torch_dtype_from_name(entry.dtype, path=path, key=entry.name).itemsize
+    else:
+        itemsize = numpy_dtype_from_name(entry.dtype, path=path, key=entry.name).itemsize
+    if math.prod(entry.shape) * itemsize != entry.nbytes:
+        raise CorruptCheckpointError(
+            f"Tensor {entry.name!r} in {path!r} claims shape {list(entry.shape)} of {entry.dtype} "
+            f"but {entry.nbytes} bytes; the manifest is damaged.",
+            path=path,
+            key=entry.name,
+        )
 
 
 def _damaged_error(path: str, damaged: list[str]) -> ChecksumMismatchError:
@@ -137,7 +152,15 @@ class ManifestSource:
                     path=self.path,
                     key=entry.name,
                 )
+            _check_size(entry, self.path)
             if entry.shard in self.compressed:
+                if entry.offsets[1] > self.storage.size(key):
+                    raise CorruptCheckpointError(
+                        f"Tensor {entry.name!r} of {self.path!r} lies at bytes {entry.offsets[0]}..{entry.offsets[1]} "
+                        f"of a {self.storage.size(key)}-byte shard; the shard is truncated or the manifest damaged.",
+                        path=self.path,
+                        key=entry.name,
+                    )
                 located[entry.name] = StoredTensor(entry, key, entry.offsets[0], compressed=True)
                 continue
             if key not in headers:
@@ -236,8 +259,13 @@ class ManifestSource:
         return decode_tree(node, arrays, path=self.path)
 
     def check(self) -> VerifyReport:
-        """Re-read every byte and compare it with its checksum (``torchkeep.verify``)."""
+        """Re-read every byte and compare it with its checksum (``torchkeep.verify``).
+
+        Everything ``load`` checks is checked too: the tree's structure and
+        references, every dtype and size, then every byte.
+        """
         entries = self.manifest.tensors
+        self.placeholder_tree()
         _, nbytes = self.read_arrays(verify=True, build=False)
         if all(e.checksum for e in entries):
             return VerifyReport(self.path, self.format, len(entries), nbytes, "xxh3-64")
