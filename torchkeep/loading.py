@@ -9,7 +9,7 @@ from typing import Any, Union
 import torch
 
 from torchkeep.errors import CorruptCheckpointError, InvalidArgumentError
-from torchkeep.formats import open_checkpoint
+from torchkeep.formats import read_consistently
 from torchkeep.formats.source import Source, TorchFileSource
 from torchkeep.info import CheckpointInfo, VerifyReport
 from torchkeep.storage import Storage, resolve
@@ -112,8 +112,12 @@ def load(
         UnsupportedFormatError: an unknown format or a newer format version.
     """
     st, key = resolve(path, storage)
-    return read_source(
-        open_checkpoint(st, key), map_location=map_location, dtype=dtype, verify=verify, trust=trust, mmap=mmap
+    return read_consistently(
+        st,
+        key,
+        lambda source: read_source(
+            source, map_location=map_location, dtype=dtype, verify=verify, trust=trust, mmap=mmap
+        ),
     )
 
 
@@ -154,7 +158,7 @@ def inspect(path: str | os.PathLike[str], *, storage: Storage | None = None) -> 
     (non-zip) torch file has to be read whole.
     """
     st, key = resolve(path, storage)
-    return open_checkpoint(st, key).info()
+    return read_consistently(st, key, lambda source: source.info())
 
 
 def verify(path: str | os.PathLike[str], *, storage: Storage | None = None) -> VerifyReport:
@@ -168,4 +172,4 @@ def verify(path: str | os.PathLike[str], *, storage: Storage | None = None) -> V
         CorruptCheckpointError: the structure is damaged.
     """
     st, key = resolve(path, storage)
-    return open_checkpoint(st, key).check()
+    return read_consistently(st, key, lambda source: source.check())

@@ -36,7 +36,7 @@ from torchkeep.errors import (
     StorageError,
     UnsupportedFormatError,
 )
-from torchkeep.formats import open_checkpoint
+from torchkeep.formats import read_consistently
 from torchkeep.formats.native import open_native
 from torchkeep.formats.source import Source
 from torchkeep.loading import read_source
@@ -571,8 +571,11 @@ class CheckpointManager:
         reasons = []
         for record in candidates:
             try:
-                source = open_checkpoint(self._run.storage, self._run.key(record.step))
-                self._apply(source, state, record, strict)
+                read_consistently(
+                    self._run.storage,
+                    self._run.key(record.step),
+                    lambda source, record=record: self._apply(source, state, record, strict),  # type: ignore[misc]
+                )
             except _DAMAGE as err:
                 if step is not None:
                     raise

@@ -21,7 +21,7 @@ from torch import nn
 from torchkeep.compare import flatten_tree
 from torchkeep.dtypes import torch_dtype_name
 from torchkeep.errors import ChecksumMismatchError, InvalidArgumentError, StateMismatchError
-from torchkeep.formats import open_checkpoint
+from torchkeep.formats import read_consistently
 from torchkeep.formats.source import ManifestSource, Source, StoredTensor, TorchFileSource
 from torchkeep.formats.streaming import CopyJob
 from torchkeep.loading import MapLocation, read_source
@@ -122,15 +122,11 @@ def _match_keys(source: list[str], target: set[str], rename: Rename, report: Loa
     return best
 
 
-def _open(source: Any, storage: Storage | None) -> tuple[Source | None, str]:
+def _open(source: Mapping[str, Any] | Source) -> tuple[Source | None, str]:
     """The opened checkpoint behind ``source`` (None for an in-memory state dict) and how to name it."""
     if isinstance(source, Mapping):
         return None, "the source state dict"
-    if isinstance(source, (ManifestSource, TorchFileSource)):
-        return source, source.path
-    st, skey = resolve(source, storage)
-    opened = open_checkpoint(st, skey)
-    return opened, opened.path
+    return source, source.path
 
 
 def _stream_items(
@@ -202,7 +198,7 @@ def _load_module(
 ) -> LoadReport:
     report = LoadReport()
     target = module.state_dict(keep_vars=True)
-    opened, where = _open(source, storage)
+    opened, where = _open(source)
     if assign:
         # Private copies: the model's weights must not stay backed by a file that someone may change.
         tree = (
@@ -388,6 +384,17 @@ def load_into(
     """
     if on_mismatch not in ("error", "skip"):
         raise InvalidArgumentError(f'on_mismatch must be "error" or "skip", not {on_mismatch!r}.')
+    if not isinstance(source, (Mapping, ManifestSource, TorchFileSource)):
+        # A path: open it here, so that a checkpoint replaced while it is read is read again.
+        st, skey = resolve(source, storage)
+        return read_consistently(
+            st,
+            skey,
+            lambda opened: load_into(
+                target, opened, strict=strict, rename=rename, on_mismatch=on_mismatch, map_location=map_location,
+                dtype=dtype, assign=assign, key=key, verify=verify,
+            ),
+        )  # fmt: skip
     if isinstance(target, nn.Module):
         return _load_module(
             target, source, key=key, strict=strict, rename=rename, on_mismatch=on_mismatch,
@@ -397,7 +404,7 @@ def load_into(
         raise InvalidArgumentError(
             f"Cannot load into a {type(target).__name__}: it needs state_dict() and load_state_dict()."
         )
-    opened, where = _open(source, storage)
+    opened, where = _open(source)
     if opened is None:
         state = _select(source, key, where)
     elif isinstance(key, str) and key in (opened.top_level_names() or []):
