@@ -392,3 +392,43 @@ def test_a_lying_manifest_gets_a_typed_error_and_verify_refuses_what_load_refuse
             mismatches.append((path, lie, loaded, verified))
     assert not mismatches, mismatches[:5]
     assert outcomes.get("CorruptCheckpointError", 0) > 100  # the lies were seen, not skipped
+
+
+BLOAT = """
+import json, resource, sys, torch, torchkeep
+from torchkeep.manifest import MANIFEST_CHECKSUM, MAX_MANIFEST_BYTES, _canonical_checksum
+path, kind = sys.argv[1], sys.argv[2]
+if kind.startswith("write-"):
+    kind = kind[6:]
+    torchkeep.save({"w": torch.ones(2)}, path)
+    m = json.loads(open(path + "/manifest.json").read())
+    unit, value = {"strings": (5, "ab"), "dicts": (3, {}), "lists": (3, []), "floats": (4, 1.5)}[kind]
+    m["metadata"]["x"] = [value] * ((MAX_MANIFEST_BYTES - 4096) // unit)
+    m.pop(MANIFEST_CHECKSUM)
+    m[MANIFEST_CHECKSUM] = _canonical_checksum(m)
+    open(path + "/manifest.json", "w").write(json.dumps(m, separators=(",", ":")))
+    sys.exit(0)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    torchkeep.load(path)
+    outcome = "loaded"
+except torchkeep.TorchkeepError as err:
+    outcome = type(err).__name__
+print(json.dumps({"outcome": outcome, "peak": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("kind", "expected"), [("dicts", "CorruptCheckpointError"), ("strings", "loaded")])
+def test_a_manifest_at_the_size_cap_parses_in_bounded_memory(tmp_path: Path, kind: str, expected: str) -> None:
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    path = str(tmp_path / "ckpt")
+    subprocess.run([sys.executable, "-c", BLOAT, path, f"write-{kind}"], check=True, cwd=root)
+    out = subprocess.run([sys.executable, "-c", BLOAT, path, kind], check=True, cwd=root, capture_output=True, text=True)
+    result = json.loads(out.stdout)
+    assert result["outcome"] == expected
+    assert result["peak"] < 1.5 * 2**30, f"{kind}: parsing took {result['peak'] / 2**30:.2f} GiB"

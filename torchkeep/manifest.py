@@ -51,9 +51,11 @@ MANIFEST_NAME = "manifest.json"
 #: The manifest's own checksum: the tree and every plain value are covered, not only tensor bytes.
 MANIFEST_CHECKSUM = "manifest_checksum"
 #: The largest manifest (or embedded manifest, or sharded-safetensors index) read or written.
-#: Parsing JSON costs up to ~22x its size in Python objects, so this bounds a reader's memory
-#: near 1.4 GiB; a manifest of 100,000 tensors is about 32 MiB.
+#: Parsing JSON costs up to ~17x its size in Python objects (see strict_json), so this bounds a
+#: reader's memory near 1.1 GiB; a manifest of 100,000 tensors is about 32 MiB.
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
+#: The most objects and arrays any JSON torchkeep reads may hold (5 per tensor in a manifest).
+MAX_JSON_CONTAINERS = 2_000_000
 
 
 @dataclass(frozen=True)
@@ -276,9 +278,20 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def strict_json(raw: bytes) -> Any:
     """Parse UTF-8 JSON, refusing duplicate keys (a reader must never pick one of two silently).
 
+    Objects and arrays cost far more memory parsed than written (``{}`` is two
+    bytes of JSON and a few hundred in Python), so their number is bounded
+    before parsing: a reader's memory stays within about 17 times the bytes
+    (short strings are the costliest left), about 1.1 GiB at the manifest cap.
+
     Raises:
-        UnicodeDecodeError, ValueError, RecursionError: the bytes are not such JSON.
+        UnicodeDecodeError, ValueError, RecursionError: the bytes are not such JSON, or hold too many containers.
     """
+    containers = raw.count(b"{") + raw.count(b"[")  # an upper bound: braces inside strings count too
+    if containers > MAX_JSON_CONTAINERS:
+        raise ValueError(
+            f"it holds {containers} objects and arrays, over the {MAX_JSON_CONTAINERS} a reader parses "
+            "(a checkpoint of 100,000 tensors holds about 500,000)"
+        )
     return json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
 
 
