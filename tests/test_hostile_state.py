@@ -428,7 +428,9 @@ def test_a_manifest_at_the_size_cap_parses_in_bounded_memory(tmp_path: Path, kin
     root = Path(__file__).resolve().parents[1]
     path = str(tmp_path / "ckpt")
     subprocess.run([sys.executable, "-c", BLOAT, path, f"write-{kind}"], check=True, cwd=root)
-    out = subprocess.run([sys.executable, "-c", BLOAT, path, kind], check=True, cwd=root, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", BLOAT, path, kind], check=True, cwd=root, capture_output=True, text=True
+    )
     result = json.loads(out.stdout)
     assert result["outcome"] == expected
     assert result["peak"] < 1.5 * 2**30, f"{kind}: parsing took {result['peak'] / 2**30:.2f} GiB"
