@@ -391,7 +391,7 @@ def expected_refusal(suffix: str, head: bytes, *, verify: bool) -> tuple[type[Ex
         return torchkeep.UnsafeCheckpointError, "is a plain pickle"
     if head.startswith((50).to_bytes(8, "little")) or suffix == ".safetensors":
         return torchkeep.CorruptCheckpointError, "is not a valid safetensors file"
-    if suffix in (".pt", ".pth"):
+    if suffix in (".pt", ".pth", ".bin", ".ckpt"):  # the suffixes saved as torch zips
         return torchkeep.CorruptCheckpointError, torch_file
     return torchkeep.UnsupportedFormatError, "is not a checkpoint torchkeep can read"
 

@@ -212,7 +212,9 @@ def test_truncated_files_raise_corrupt(tmp_path: Any, name: str) -> None:
         (".safetensors", torchkeep.CorruptCheckpointError, "is not a valid safetensors file"),
         (".pth", torchkeep.CorruptCheckpointError, "is not a readable torch file"),
         (".pt", torchkeep.CorruptCheckpointError, "is not a readable torch file"),
-        (".bin", torchkeep.UnsupportedFormatError, "is not a checkpoint torchkeep can read"),
+        (".bin", torchkeep.CorruptCheckpointError, "is not a readable torch file"),
+        (".ckpt", torchkeep.CorruptCheckpointError, "is not a readable torch file"),
+        (".data", torchkeep.UnsupportedFormatError, "is not a checkpoint torchkeep can read"),
     ],
 )
 def test_random_bytes_raise_typed_errors(tmp_path: Any, suffix: str, error: type[Exception], message: str) -> None:

@@ -45,10 +45,16 @@ class Compression:
             return value
         if isinstance(value, str):
             codec, _, level = value.partition(":")
-            try:
-                return cls(codec, int(level)) if level else cls(codec)
-            except ValueError:
-                raise InvalidArgumentError(f"compression={value!r}: the level after ':' must be an integer.") from None
+            if codec != "zstd":
+                raise InvalidArgumentError(
+                    f"compression={value!r}: unknown codec {codec!r}; torchkeep compresses with 'zstd' "
+                    "(or 'zstd:LEVEL', LEVEL from 1 to 22)."
+                )
+            if not level:
+                return cls(codec)
+            if not level.isdigit():
+                raise InvalidArgumentError(f"compression={value!r}: the level after ':' must be an integer from 1 to 22.")
+            return cls(codec, int(level))
         raise InvalidArgumentError(f"compression must be None, 'zstd', 'zstd:LEVEL' or a Compression, not {value!r}.")
 
 

@@ -183,9 +183,9 @@ def save(
     """Save a state tree atomically; the format follows the path.
 
     ``NAME.safetensors`` writes one safetensors file (the tree and checksums in
-    its header metadata), ``NAME.pth``/``NAME.pt`` a torch zip that
-    ``torch.load(path, weights_only=True)`` opens, and any other path a native
-    checkpoint directory. The new checkpoint appears at ``path`` only when it is
+    its header metadata), ``NAME.pth``, ``.pt``, ``.bin`` or ``.ckpt`` a torch
+    zip that ``torch.load(path, weights_only=True)`` opens, and a path without
+    a suffix a native checkpoint directory (another suffix is refused). The new checkpoint appears at ``path`` only when it is
     complete and fsync'd; an existing one there stays whole until then.
 
     Args:

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import enum
 
-from torchkeep.errors import CheckpointNotFoundError, UnsafeCheckpointError, UnsupportedFormatError
+from torchkeep.errors import (
+    CheckpointNotFoundError,
+    InvalidArgumentError,
+    UnsafeCheckpointError,
+    UnsupportedFormatError,
+)
 from torchkeep.manifest import MANIFEST_NAME
 from torchkeep.storage import Storage
 
-__all__ = ["Format", "detect_format"]
+__all__ = ["TORCH_SUFFIXES", "Format", "detect_format"]
+
+#: File suffixes saved as a torch zip, the format ``torch.save`` writes.
+TORCH_SUFFIXES = ("pth", "pt", "bin", "ckpt")
 
 
 class Format(str, enum.Enum):
@@ -25,12 +33,29 @@ class Format(str, enum.Enum):
 
     @classmethod
     def for_path(cls, key: str) -> Format:
-        """The format a path asks for by its name when saving: a suffix picks a single file."""
-        if key.endswith(".safetensors"):
+        """The format a path asks for by its name when saving: a suffix picks a single file.
+
+        ``.safetensors`` is a safetensors file; ``.pth``, ``.pt``, ``.bin`` and
+        ``.ckpt`` (what torch, Hugging Face and Lightning users type) a torch zip;
+        a name without a suffix a native checkpoint directory. Any other suffix
+        is refused rather than silently made into a directory.
+
+        Raises:
+            InvalidArgumentError: a suffix torchkeep does not write.
+        """
+        name = key.rsplit("/", 1)[-1]
+        suffix = name.rsplit(".", 1)[-1].lower() if "." in name.lstrip(".") else ""
+        if suffix == "safetensors":
             return cls.SAFETENSORS
-        if key.endswith((".pth", ".pt")):
+        if suffix in TORCH_SUFFIXES:
             return cls.TORCH_ZIP
-        return cls.NATIVE
+        if not suffix or suffix.isdigit() or not suffix.isalpha():
+            return cls.NATIVE  # "step-3", "run.2", "epoch-3.5": no file suffix
+        raise InvalidArgumentError(
+            f"{name!r} ends in .{suffix}, a kind of file torchkeep does not write. Save to NAME.safetensors, "
+            f"NAME.{', NAME.'.join(TORCH_SUFFIXES)} (a torch zip that torch.load opens), or a name "
+            "without a suffix for a native checkpoint directory."
+        )
 
 
 # torch's legacy (non-zip) files open with its magic number pickled at protocol 2.
@@ -77,7 +102,7 @@ def detect_format(storage: Storage, key: str) -> Format:
     # The bytes match nothing: trust the name, so that a damaged file gets its format's error.
     if key.endswith(".safetensors"):
         return Format.SAFETENSORS
-    if key.endswith((".pth", ".pt")):
+    if key.lower().endswith(tuple(f".{suffix}" for suffix in TORCH_SUFFIXES)):
         return Format.TORCH_ZIP
     raise UnsupportedFormatError(
         f"{path!r} is not a checkpoint torchkeep can read (first bytes {head[:8]!r}); it reads native "
