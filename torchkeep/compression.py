@@ -53,7 +53,9 @@ class Compression:
             if not level:
                 return cls(codec)
             if not level.isdigit():
-                raise InvalidArgumentError(f"compression={value!r}: the level after ':' must be an integer from 1 to 22.")
+                raise InvalidArgumentError(
+                    f"compression={value!r}: the level after ':' must be an integer from 1 to 22."
+                )
             return cls(codec, int(level))
         raise InvalidArgumentError(f"compression must be None, 'zstd', 'zstd:LEVEL' or a Compression, not {value!r}.")
 

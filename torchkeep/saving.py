@@ -185,8 +185,9 @@ def save(
     ``NAME.safetensors`` writes one safetensors file (the tree and checksums in
     its header metadata), ``NAME.pth``, ``.pt``, ``.bin`` or ``.ckpt`` a torch
     zip that ``torch.load(path, weights_only=True)`` opens, and a path without
-    a suffix a native checkpoint directory (another suffix is refused). The new checkpoint appears at ``path`` only when it is
-    complete and fsync'd; an existing one there stays whole until then.
+    a suffix a native checkpoint directory (another suffix is refused). The
+    new checkpoint appears at ``path`` only when it is complete and fsync'd;
+    an existing one there stays whole until then.
 
     Args:
         obj: dicts (str or int keys), lists and tuples of tensors, numpy arrays,
