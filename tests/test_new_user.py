@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 import torchkeep
 
@@ -47,3 +49,130 @@ def test_other_suffixes_are_refused_with_the_list(tmp_path: Path, name: str) -> 
 def test_names_without_a_file_suffix_are_native_directories(tmp_path: Path, name: str) -> None:
     torchkeep.save({"w": torch.ones(1)}, tmp_path / name)
     assert (tmp_path / name / "manifest.json").is_file()
+
+
+# -- silent failures -----------------------------------------------------------------------------
+
+
+def test_a_misspelled_monitor_is_refused_before_anything_is_saved(tmp_path: Path) -> None:
+    with torchkeep.CheckpointManager(tmp_path, keep_last=1, keep_best=1, monitor="val_loss") as mgr:
+        with pytest.raises(torchkeep.InvalidArgumentError, match=r"\['val_los'\] but not monitor='val_loss'"):
+            mgr.save(1, metrics={"val_los": 0.1}, w=torch.ones(1))
+        assert mgr.list() == []
+
+
+def test_keep_best_deletes_nothing_while_no_checkpoint_has_the_metric(tmp_path: Path) -> None:
+    with torchkeep.CheckpointManager(tmp_path, keep_last=1, keep_best=1, monitor="val_loss") as mgr:
+        mgr.save(1, w=torch.ones(1))
+        with pytest.warns(RuntimeWarning, match="nothing is deleted"):
+            mgr.save(2, w=torch.ones(1))
+        assert [r.step for r in mgr.list()] == [1, 2]
+        mgr.save(3, metrics={"val_loss": 0.5}, w=torch.ones(1))
+        assert [r.step for r in mgr.list()] == [3]  # ranked now: the best is also the newest
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(*[nn.Linear(4, 4) for _ in range(40)])
+
+
+def joint_checkpoint(path: Path) -> Net:
+    net = Net()
+    optimizer = torch.optim.AdamW(net.parameters())
+    torchkeep.save({"model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 3}, path)
+    return net
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_a_joint_checkpoint_without_key_says_which_key_in_one_line(tmp_path: Path, strict: bool) -> None:
+    joint_checkpoint(tmp_path / "ckpt")
+    with pytest.raises(torchkeep.StateMismatchError, match=r"holds 80 of the 80: pass key='model'") as caught:
+        torchkeep.load_into(Net(), tmp_path / "ckpt", strict=strict)
+    assert "\n" not in str(caught.value)
+
+
+def test_the_registry_path_to_a_manager_checkpoint_says_the_same(tmp_path: Path) -> None:
+    net = Net()
+    with torchkeep.CheckpointManager(tmp_path / "run", monitor="loss") as mgr:
+        mgr.save(1, metrics={"loss": 1.0}, model=net)
+        best = mgr.best()
+    registry = torchkeep.Registry(tmp_path / "registry")
+    registry.register("net", best)
+    with pytest.raises(torchkeep.StateMismatchError, match="pass key='model'"):
+        registry.load_into(Net(), "net")
+    assert registry.load_into(Net(), "net", key="model").ok
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_loading_nothing_is_never_silent(tmp_path: Path, strict: bool) -> None:
+    torchkeep.save({"unrelated": torch.ones(3), "other.weight": torch.ones(2, 2)}, tmp_path / "ckpt")
+    with pytest.raises(torchkeep.StateMismatchError, match="Nothing in .* fits Net: none of its 80 tensors"):
+        torchkeep.load_into(Net(), tmp_path / "ckpt", strict=strict)
+
+
+def test_a_long_list_of_problems_is_cut_short(tmp_path: Path) -> None:
+    net = joint_checkpoint(tmp_path / "ckpt")
+    state = {k: v for k, v in net.state_dict().items() if not k.startswith("body.3")}
+    state.update({f"extra.{i}": torch.ones(1) for i in range(50)})
+    torchkeep.save(state, tmp_path / "partial")
+    with pytest.raises(torchkeep.StateMismatchError, match=r"\.\.\. and \d+ more") as caught:
+        torchkeep.load_into(Net(), tmp_path / "partial")
+    assert str(caught.value).count("\n") < 30
+    assert len(caught.value.report.unexpected) == 50  # the report keeps them all
+
+
+class WithPositions(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.register_buffer("positions", torch.arange(10), persistent=False)
+
+
+def test_meta_assign_reports_and_warns_about_tensors_left_on_meta(tmp_path: Path) -> None:
+    torchkeep.save(WithPositions().state_dict(), tmp_path / "ckpt")
+    with torch.device("meta"):
+        model = WithPositions()
+    with pytest.warns(RuntimeWarning, match="positions"):
+        report = torchkeep.load_into(model, tmp_path / "ckpt", assign=True)
+    assert any("non-persistent" in note and "positions" in note for note in report.notes)
+    assert not model.embed.weight.is_meta and model.positions.is_meta
+
+
+def test_restore_of_a_missing_directory_says_so_and_can_be_required(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = nn.Linear(2, 2)
+    with caplog.at_level(logging.INFO, logger="torchkeep"):
+        assert torchkeep.CheckpointManager(tmp_path / "typo").restore(model=model) is None
+    assert any(r.levelno == logging.WARNING and "does not exist" in r.getMessage() for r in caplog.records)
+    with pytest.raises(torchkeep.CheckpointNotFoundError, match="required=True"):
+        torchkeep.CheckpointManager(tmp_path / "typo").restore(model=model, required=True)
+    (tmp_path / "empty").mkdir()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="torchkeep"):
+        torchkeep.CheckpointManager(tmp_path / "empty").restore(model=model)
+    assert [r.levelno for r in caplog.records] == [logging.INFO]
+
+
+def test_restore_checks_every_object_before_touching_any(tmp_path: Path) -> None:
+    model = nn.Linear(2, 2)
+    with torchkeep.CheckpointManager(tmp_path) as mgr:
+        mgr.save(1, model=model, epoch=3)
+    fresh = nn.Linear(2, 2)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    for wrong in ({}, [], 7):
+        with pytest.raises((torchkeep.StateMismatchError, torchkeep.InvalidArgumentError), match="epoch"):
+            torchkeep.CheckpointManager(tmp_path).restore(model=fresh, epoch=wrong)
+        assert all(torch.equal(fresh.state_dict()[k], v) for k, v in before.items())
+
+
+# -- messages that mislead ------------------------------------------------------------------------
+
+
+def test_a_device_this_machine_lacks_is_named_not_called_damage(tmp_path: Path) -> None:
+    torch.save({"w": torch.ones(2)}, tmp_path / "model.pth")
+    torchkeep.save({"w": torch.ones(2)}, tmp_path / "ckpt")
+    for path in (tmp_path / "model.pth", tmp_path / "ckpt"):
+        with pytest.raises(torchkeep.InvalidArgumentError, match=r"cuda:99.*map_location=\"cpu\""):
+            torchkeep.load(path, map_location="cuda:99")

@@ -343,8 +343,42 @@ def plot(directory: str, out_path: str | None, monitor: str | None, mode: str) -
     ax.set_title(f"checkpoints in {directory}")
     ax.legend()
     target = out_path or os.path.join(directory, "metrics.png")
-    fig.savefig(target, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    # Written beside the target under a new name (never through a link or a planted file), then
+    # renamed over it: a link at the target is replaced itself, its target never written.
+    import contextlib
+    import errno
+    import secrets
+    import stat
+
+    from torchkeep.errors import StorageError
+
+    folder, base = os.path.split(os.path.abspath(target))
+    temp = os.path.join(folder, f".{base}.tk-plot-{os.getpid()}-{secrets.token_hex(4)}")
+    suffix = os.path.splitext(base)[1][1:].lower()
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        if os.path.isdir(target) and not os.path.islink(target):
+            raise IsADirectoryError(errno.EISDIR, "it is a directory; give a file name with --out", target)
+        fd = os.open(temp, flags, 0o666)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                    raise OSError(errno.EINVAL, "not a regular file", temp)
+                fig.savefig(f, format=suffix or None, dpi=100, bbox_inches="tight")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(temp)
+            raise
+    except OSError as exc:
+        raise StorageError(
+            f"Could not write the plot to {target!r}: {exc.strerror or exc}. Choose a writable file with --out.",
+            path=target,
+        ) from exc
+    finally:
+        plt.close(fig)
     _out().print(f"wrote {target}")
 
 

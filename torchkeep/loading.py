@@ -44,6 +44,25 @@ def _place(value: Any, saved: str, map_location: MapLocation, name: str, path: s
         ) from exc
 
 
+def _check_devices(map_location: MapLocation, path: str) -> None:
+    """Refuse a target device this machine lacks before torch reports it as a damaged file."""
+    if map_location is None or (callable(map_location) and not isinstance(map_location, (str, torch.device, dict))):
+        return
+    targets = list(map_location.values()) if isinstance(map_location, dict) else [map_location]
+    for target in targets:
+        try:
+            device = torch.device(target)
+            if device.type == "cuda" and not torch.cuda.is_available():
+                raise RuntimeError("this machine has no CUDA device")
+            if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+                raise RuntimeError(f"this machine has {torch.cuda.device_count()} CUDA device(s)")
+        except (RuntimeError, TypeError, ValueError) as exc:
+            raise InvalidArgumentError(
+                f'Cannot load {path!r} onto {target!r}: {exc}. Pass map_location="cpu" or a device this machine has.',
+                path=path,
+            ) from exc
+
+
 def _cast(value: Any, dtype: torch.dtype | None) -> Any:
     if dtype is not None and isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != dtype:
         return value.to(dtype)
@@ -136,6 +155,7 @@ def read_source(
     With ``mmap=False`` every tensor is a private copy (see :func:`load`).
     """
     if isinstance(source, TorchFileSource):
+        _check_devices(map_location, source.path)
         ml: Any = "cpu" if map_location is None else map_location
         obj = source.read(map_location=ml, trust=trust)
         if key is not None:

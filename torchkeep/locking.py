@@ -2,16 +2,25 @@
 
 The kernel releases an ``flock`` when its process dies, so a killed writer
 never leaves a folder locked.
+
+The lock file is opened without following links (``O_NOFOLLOW``) and must be a
+regular file with one name: a link, pipe, device or hard link planted under its
+name in a shared folder is refused with :class:`StorageError`, never written
+through. Any ``OSError`` (a read-only folder, a full disk) is a ``StorageError``
+naming the path.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
+import stat
 import threading
 
-from torchkeep.errors import DirectoryLockedError
+from torchkeep.errors import DirectoryLockedError, StorageError
 from torchkeep.storage import Storage
+from torchkeep.storage.local import storage_error
 
 __all__ = ["FolderLock"]
 
@@ -50,8 +59,11 @@ class FolderLock:
             return
         import fcntl
 
-        os.makedirs(local, exist_ok=True)
-        fd = os.open(os.path.join(local, name), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            os.makedirs(local, exist_ok=True)
+        except OSError as exc:
+            raise storage_error("create the folder", local, exc) from exc
+        fd = _open_lock_file(os.path.join(local, name))
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
         except BlockingIOError:
@@ -65,8 +77,15 @@ class FolderLock:
                 "ending releases the directory), or write to another directory. Reading needs no lock.",
                 path=where,
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        except OSError as exc:
+            os.close(fd)
+            raise storage_error("lock", os.path.join(local, name), exc) from exc
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        except OSError as exc:
+            os.close(fd)
+            raise storage_error("write the lock file", os.path.join(local, name), exc) from exc
         self._fd = fd
 
     def release(self) -> None:
@@ -77,3 +96,47 @@ class FolderLock:
         if self._memory is not None:
             self._memory.release()
             self._memory = None
+
+
+def _open_lock_file(path: str) -> int:
+    """A descriptor of the lock file at ``path``, created if missing: a regular file, never a link's target."""
+    try:
+        found = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise storage_error("open the lock file", path, exc) from exc
+    else:  # refuse a pipe or a device before opening it: opening one can block or have effects
+        _check_lock_file(path, found)
+    flags = os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EMLINK) and os.path.islink(path):
+            _check_lock_file(path, os.lstat(path))
+        raise storage_error("open the lock file", path, exc) from exc
+    try:
+        _check_lock_file(path, os.fstat(fd))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _check_lock_file(path: str, found: os.stat_result) -> None:
+    if stat.S_ISLNK(found.st_mode):
+        try:
+            what = f"a symbolic link (to {os.readlink(path)!r})"
+        except OSError:
+            what = "a symbolic link"
+    elif not stat.S_ISREG(found.st_mode):
+        what = "not a regular file (a pipe, device, socket or folder)"
+    elif found.st_nlink != 1:
+        what = f"a file with {found.st_nlink} hard links, so writing it would change another file"
+    else:
+        return
+    raise StorageError(
+        f"The lock file {path!r} is {what}; torchkeep never writes through such a file. Someone else may "
+        "have planted it in this shared folder: remove it (torchkeep makes a new one) and try again.",
+        path=path,
+    )

@@ -11,6 +11,7 @@ after it (:mod:`torchkeep.object_folder`).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import signal
@@ -65,6 +66,8 @@ from torchkeep.stateful import is_stateful
 from torchkeep.storage import Storage, resolve
 
 __all__ = ["CheckpointManager", "SaveHandle"]
+
+_log = logging.getLogger("torchkeep")
 
 RNG_KEY = "_torchkeep_rng"
 _LOCK_NAME = ".torchkeep.lock"
@@ -175,6 +178,7 @@ class _Committer:
     policy: RetentionPolicy | None
     monitor: str | None
     mode: Literal["min", "max"]
+    keep_best: bool
 
     def commit(self, job: SaveJob, step: int) -> CheckpointRecord:
         manifest = write_job(job)
@@ -185,7 +189,16 @@ class _Committer:
         record = self.run.remember(step, manifest)
         protect = frozenset({step})  # even when older steps than the newest are saved again
         records = self.run.records()
-        for old in steps_to_delete(records, self.policy, monitor=self.monitor, mode=self.mode, protect=protect):
+        doomed = steps_to_delete(records, self.policy, monitor=self.monitor, mode=self.mode, protect=protect)
+        if doomed and self.keep_best and not any(self.monitor in r.metrics for r in records):
+            warnings.warn(
+                f"No checkpoint in {self.run.storage.describe(self.run.prefix)!r} has the metric "
+                f"{self.monitor!r} that keep_best ranks by, so nothing is deleted: pass it in metrics=.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            doomed = []
+        for old in doomed:
             self.run.storage.delete(self.run.key(old))  # an atomic rename first: never half-deleted and listed
         self.objects.sweep()
         return record
@@ -305,7 +318,7 @@ class CheckpointManager:
         storage, prefix = resolve(directory, storage)
         self._run = RunDirectory(storage, prefix)
         self._objects = ObjectFolder(self._run)
-        self._retention = _Committer(self._run, self._objects, self.policy, monitor, mode)
+        self._retention = _Committer(self._run, self._objects, self.policy, monitor, mode, keep_best is not None)
         self.directory = storage.describe(prefix)
         self._closed = False
         self._last_save = time.monotonic()
@@ -445,6 +458,12 @@ class CheckpointManager:
         tree = {name: obj.state_dict() if is_stateful(obj) else obj for name, obj in state.items()}
         if self.rng:
             tree[RNG_KEY] = RNGState().state_dict()
+        if self.monitor is not None and metrics and self.monitor not in metrics:
+            raise InvalidArgumentError(
+                f"metrics= holds {sorted(metrics)} but not monitor={self.monitor!r}; nothing was saved. A misspelled "
+                "monitor ranks nothing, and keep_last would then delete the best checkpoint. Pass the monitored "
+                "metric, fix monitor=, or save without metrics= (such a checkpoint is not ranked)."
+            )
         encoded = {name: _metric(name, value) for name, value in (metrics or {}).items()}
         job = prepare_save(
             tree,
@@ -519,7 +538,12 @@ class CheckpointManager:
     # -- restoring ------------------------------------------------------------------------
 
     def restore(
-        self, step: int | Literal["best"] | None = None, *, strict: bool = True, **state: Any
+        self,
+        step: int | Literal["best"] | None = None,
+        *,
+        strict: bool = True,
+        required: bool = False,
+        **state: Any,
     ) -> CheckpointRecord | None:
         """Restore the named states (and the RNG streams) from a checkpoint.
 
@@ -536,12 +560,15 @@ class CheckpointManager:
         Args:
             step: a step number, ``"best"``, or None for the newest good one.
             strict: passed to :func:`torchkeep.load_into` for modules and optimizers.
+            required: raise :class:`CheckpointNotFoundError` instead of returning None
+                when there is no checkpoint (a resume that must not start over).
             **state: the objects to restore, by the names they were saved under:
                 Stateful objects are loaded in place, plain dicts updated in place.
 
         Returns:
             The record restored from, or None when the directory has no checkpoint
-            (a fresh start).
+            (a fresh start, logged on the ``torchkeep`` logger: at WARNING level when
+            the directory does not even exist, which is how a mistyped path shows).
 
         Raises:
             CheckpointNotFoundError: the given step does not exist.
@@ -553,6 +580,20 @@ class CheckpointManager:
         if step is None:
             candidates = list(reversed(records))
             if not candidates:
+                exists = self._run.storage.exists(self._run.prefix) if self._run.prefix else True
+                if required:
+                    raise CheckpointNotFoundError(
+                        f"No checkpoint in {self.directory!r}"
+                        + ("" if exists else " (the directory does not exist)")
+                        + " to resume from, and restore(required=True) was asked.",
+                        path=self.directory,
+                    )
+                _log.log(
+                    logging.INFO if exists else logging.WARNING,
+                    "No checkpoint in %s%s: starting fresh.",
+                    self.directory,
+                    "" if exists else " (the directory does not exist)",
+                )
                 return None
         elif step == "best":
             best = self.best()
@@ -600,19 +641,33 @@ class CheckpointManager:
                 report=LoadReport(missing=missing),
                 path=record.path,
             )
+        # Every object is checked against the checkpoint before any of them is touched.
+        values: dict[str, Any] = {}
+        for name, obj in state.items():
+            if isinstance(obj, (nn.Module, torch.optim.Optimizer)) or is_stateful(obj):
+                continue
+            if not isinstance(obj, dict):
+                raise InvalidArgumentError(
+                    f"Cannot restore {name!r} into a {type(obj).__name__}: pass an object with "
+                    "load_state_dict(), or a dict to be updated in place.",
+                    key=name,
+                )
+            values[name] = read_source(source, key=name, mmap=False)
+            if not isinstance(values[name], dict):
+                raise StateMismatchError(
+                    f"Checkpoint {record.path!r} holds a {type(values[name]).__name__} under {name!r}, which "
+                    f"cannot update the dict passed as {name}=; nothing was restored. Pass "
+                    f"{name}=<an object with load_state_dict()>, or read it with torchkeep.load(path)[{name!r}].",
+                    report=LoadReport(mismatched=[]),
+                    path=record.path,
+                )
         for name, obj in state.items():
             if isinstance(obj, (nn.Module, torch.optim.Optimizer)):
                 load_into(obj, source, key=name, strict=strict)
-            elif is_stateful(obj):
-                obj.load_state_dict(read_source(source, key=name, mmap=False))
-            elif isinstance(obj, dict):
-                value = read_source(source, key=name, mmap=False)
+            elif name in values:
                 obj.clear()
-                obj.update(value)
+                obj.update(values[name])
             else:
-                raise InvalidArgumentError(
-                    f"Cannot restore {name!r} into a {type(obj).__name__}: pass an object with "
-                    "load_state_dict(), or a dict to be updated in place."
-                )
+                obj.load_state_dict(read_source(source, key=name, mmap=False))
         if self.rng and RNG_KEY in saved:
             RNGState().load_state_dict(read_source(source, key=RNG_KEY, mmap=False))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, Union
 
@@ -163,6 +164,54 @@ def _describe(value: Any) -> tuple[tuple[int, ...], str]:
     return (), type(value).__name__
 
 
+_MAX_LISTED = 20
+
+
+def _raise_nothing_loads(module: nn.Module, tree: Any, target: dict[str, Any], where: str, rename: Rename) -> None:
+    """Loading no tensor at all is never silent: say why, and which ``key=`` would load the model."""
+    wanted = {k for k, v in target.items() if isinstance(v, torch.Tensor)}
+    name = type(module).__name__
+    best: tuple[int, str] | None = None
+    if isinstance(tree, Mapping):
+        for top, value in tree.items():
+            if isinstance(value, Mapping) and isinstance(top, str):
+                found = set(_match_keys(list(flatten_tree(value)), wanted, rename, LoadReport()).values())
+                score = len(found & wanted)
+                if score and (best is None or score > best[0]):
+                    best = (score, top)
+    if best is not None:
+        raise StateMismatchError(
+            f"{where} is a training checkpoint holding {sorted(map(str, tree))}, so none of {name}'s tensors "
+            f"are at its top level; {best[1]!r} holds {best[0]} of the {len(wanted)}: pass key={best[1]!r}.",
+            report=LoadReport(missing=sorted(wanted)),
+            path=where,
+        )
+    sample = list(flatten_tree(tree))[:5] if isinstance(tree, Mapping) else []
+    raise StateMismatchError(
+        f"Nothing in {where} fits {name}: none of its {len(wanted)} tensors has a matching key and shape "
+        f"(the source has keys like {sample}). Pass key= for a sub-tree, or rename= to map the keys.",
+        report=LoadReport(missing=sorted(wanted)),
+        path=where,
+    )
+
+
+def _note_meta_left(module: nn.Module, report: LoadReport) -> None:
+    """Say which tensors are still on the meta device after an ``assign`` load, and warn."""
+    left = [name for name, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if not left:
+        return
+    unsaved = set(left) - set(module.state_dict())
+    listed = ", ".join(left[:10]) + (f" and {len(left) - 10} more" if len(left) > 10 else "")
+    note = (
+        f"{len(left)} tensor(s) are still on the meta device and hold no values: {listed}"
+        + (f" ({len(unsaved)} of them non-persistent buffers, which no checkpoint holds)" if unsaved else "")
+        + "; give them values before a forward pass (set each buffer again, e.g. as the module's "
+        "__init__ computes it, or build those submodules on a real device)."
+    )
+    report.notes.append(note)
+    warnings.warn(note, RuntimeWarning, stacklevel=3)
+
+
 def _raise_if_blocked(report: LoadReport, *, strict: bool, on_mismatch: str, where: str, target: str) -> None:
     blocking = bool(report.mismatched and on_mismatch == "error") or (strict and not report.ok)
     if not blocking:
@@ -173,7 +222,10 @@ def _raise_if_blocked(report: LoadReport, *, strict: bool, on_mismatch: str, whe
         hints.append('on_mismatch="skip" loads the rest (for a new head on a kept backbone)')
     if strict and (report.missing or report.unexpected):
         hints.append("strict=False loads what matches; rename= maps renamed keys")
-    listed = "\n  ".join(problems)
+    shown = problems[:_MAX_LISTED]
+    if len(problems) > _MAX_LISTED:
+        shown.append(f"... and {len(problems) - _MAX_LISTED} more (the error's .report lists them all)")
+    listed = "\n  ".join(shown)
     raise StateMismatchError(
         f"{where} does not fit {target}: {len(problems)} problem(s), nothing was loaded:\n  {listed}\n"
         f"Fix: {'; '.join(hints)}.",
@@ -242,6 +294,8 @@ def _load_module(
                 report.skipped.append(target_key)
             continue
         jobs.append(CopyJob(value, dest, target_key))
+    if not jobs and any(isinstance(v, torch.Tensor) for v in target.values()):
+        _raise_nothing_loads(module, tree if key is None else None, target, where, rename)
     _raise_if_blocked(report, strict=strict, on_mismatch=on_mismatch, where=where, target=type(module).__name__)
 
     if assign:
@@ -255,6 +309,7 @@ def _load_module(
             assigned[job.key] = tensor
             report.loaded.append(job.key)
         module.load_state_dict({**assigned, **extras}, strict=False, assign=True)
+        _note_meta_left(module, report)
         return report
 
     for job in jobs:

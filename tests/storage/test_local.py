@@ -6,6 +6,7 @@ import errno
 import os
 import subprocess
 import sys
+import time
 from typing import Any
 
 import pytest
@@ -22,17 +23,31 @@ def dead_pid() -> int:
     return proc.pid
 
 
-def test_stale_staging_of_dead_writers_is_removed_and_live_kept(tmp_path: Any) -> None:
+def age(path: Any, seconds: float) -> None:
+    """Backdate every file under ``path`` (and itself) by ``seconds``."""
+    when = time.time() - seconds
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in dirnames + filenames:
+            os.utime(os.path.join(dirpath, name), (when, when))
+    os.utime(path, (when, when))
+
+
+def test_lockless_staging_of_dead_writers_is_removed_once_old_and_live_kept(tmp_path: Any) -> None:
+    # Staging without an owner lock file (left by a torchkeep from before owner locks).
     stale = tmp_path / f".ckpt.tk-staging-{dead_pid()}-abcd1234"
     stale.mkdir()
     (stale / "data-00000.safetensors").write_bytes(b"partial")
     stale_other = tmp_path / f".other.tk-trash-{dead_pid()}-abcd1234"
     stale_other.mkdir()
+    recent = tmp_path / f".ckpt.tk-staging-{dead_pid()}-0000beef"  # dead pid here, but fresh
+    recent.mkdir()
     live = tmp_path / f".ckpt.tk-staging-{os.getppid()}-abcd1234"
     live.mkdir()
+    for path in (stale, stale_other, live):
+        age(path, local.STALE_AFTER_S + 60)
     assert os.listdir(tmp_path) and local.LocalStorage(tmp_path).list() == []
     torchkeep.save({"x": torch.ones(1)}, tmp_path / "ckpt")
-    assert sorted(os.listdir(tmp_path)) == sorted(["ckpt", live.name])
+    assert sorted(os.listdir(tmp_path)) == sorted(["ckpt", live.name, recent.name])
 
 
 def test_replacement_without_atomic_exchange(tmp_path: Any, monkeypatch: Any) -> None:
