@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -107,7 +110,7 @@ def test_the_registry_path_to_a_manager_checkpoint_says_the_same(tmp_path: Path)
 @pytest.mark.parametrize("strict", [True, False])
 def test_loading_nothing_is_never_silent(tmp_path: Path, strict: bool) -> None:
     torchkeep.save({"unrelated": torch.ones(3), "other.weight": torch.ones(2, 2)}, tmp_path / "ckpt")
-    with pytest.raises(torchkeep.StateMismatchError, match="Nothing in .* fits Net: none of its 80 tensors"):
+    with pytest.raises(torchkeep.StateMismatchError, match=r"Nothing in .* fits Net: none of its 80 tensors"):
         torchkeep.load_into(Net(), tmp_path / "ckpt", strict=strict)
 
 
@@ -176,3 +179,127 @@ def test_a_device_this_machine_lacks_is_named_not_called_damage(tmp_path: Path) 
     for path in (tmp_path / "model.pth", tmp_path / "ckpt"):
         with pytest.raises(torchkeep.InvalidArgumentError, match=r"cuda:99.*map_location=\"cpu\""):
             torchkeep.load(path, map_location="cuda:99")
+
+
+# -- objects users have ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    lr: float
+    layers: int
+    out: Path
+    table: torch.Tensor
+
+
+@dataclasses.dataclass
+class Unregistered:
+    name: str
+    steps: int
+
+
+class Vocab:
+    def __init__(self, words: list[str]) -> None:
+        self.words = words
+
+
+torchkeep.register_type(TrainConfig)
+torchkeep.register_type(
+    Vocab, name="tests.Vocab", to_tree=lambda v: {"words": v.words}, from_tree=lambda t: Vocab(t["words"])
+)
+
+
+@pytest.mark.parametrize("suffix", ["", ".safetensors"])
+def test_paths_dataclasses_and_registered_types_round_trip(tmp_path: Path, suffix: str) -> None:
+    config = TrainConfig(lr=0.1, layers=3, out=Path("/runs/a"), table=torch.arange(4.0))
+    state = {"config": config, "vocab": Vocab(["a", "b"]), "where": Path("data/train.txt")}
+    torchkeep.save(state, tmp_path / f"ckpt{suffix}")
+    loaded = torchkeep.load(tmp_path / f"ckpt{suffix}")
+    assert isinstance(loaded["config"], TrainConfig) and loaded["config"].out == Path("/runs/a")
+    assert torch.equal(loaded["config"].table, torch.arange(4.0)) and loaded["config"].lr == 0.1
+    assert isinstance(loaded["vocab"], Vocab) and loaded["vocab"].words == ["a", "b"]
+    assert loaded["where"] == Path("data/train.txt")
+    info = torchkeep.inspect(tmp_path / f"ckpt{suffix}")
+    assert info.tree["config"]["layers"] == 3  # inspect shows the fields, builds nothing
+
+
+def test_an_unregistered_dataclass_saves_and_loads_back_as_its_fields_with_a_warning(tmp_path: Path) -> None:
+    torchkeep.save({"run": Unregistered("a", 3)}, tmp_path / "ckpt")
+    with pytest.warns(RuntimeWarning, match="register_type"):
+        loaded = torchkeep.load(tmp_path / "ckpt")
+    assert loaded["run"] == {"name": "a", "steps": 3}
+
+
+def test_a_registered_type_missing_at_load_is_a_clear_error(tmp_path: Path) -> None:
+    from torchkeep import extensions
+
+    torchkeep.save({"vocab": Vocab(["x"])}, tmp_path / "ckpt")
+    saved = extensions._by_name.pop("tests.Vocab")
+    try:
+        with pytest.raises(torchkeep.UnsupportedFormatError, match="register it the same way before loading"):
+            torchkeep.load(tmp_path / "ckpt")
+    finally:
+        extensions._by_name["tests.Vocab"] = saved
+
+
+def test_a_pth_refuses_what_only_pickle_could_hold(tmp_path: Path) -> None:
+    with pytest.raises(torchkeep.UnsupportedObjectError, match=r"native or \.safetensors"):
+        torchkeep.save({"where": Path("x")}, tmp_path / "model.pth")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_register_type_refuses_what_it_cannot_save() -> None:
+    with pytest.raises(torchkeep.InvalidArgumentError, match="not a dataclass"):
+        torchkeep.register_type(Vocab)
+    with pytest.raises(torchkeep.InvalidArgumentError, match="already registered"):
+        torchkeep.register_type(Unregistered, name="tests.Vocab")
+
+
+def test_extra_state_of_a_module_round_trips(tmp_path: Path) -> None:
+    class WithExtra(nn.Linear):
+        def get_extra_state(self) -> Any:
+            return {"vocab": Vocab(["w"]), "config": Path("cfg.yaml")}
+
+        def set_extra_state(self, state: Any) -> None:
+            self.restored = state
+
+    torchkeep.save(WithExtra(2, 2).state_dict(), tmp_path / "ckpt")
+    target = WithExtra(2, 2)
+    assert torchkeep.load_into(target, tmp_path / "ckpt").ok
+    assert target.restored["vocab"].words == ["w"] and target.restored["config"] == Path("cfg.yaml")
+
+
+def test_metadata_takes_the_values_people_keep(tmp_path: Path) -> None:
+    metadata = {
+        "loss": torch.tensor(0.25),
+        "acc": np.float32(0.5),
+        "steps": np.int64(7),
+        "config": Unregistered("a", 3),
+        "out": Path("/runs/a"),
+        "shape": (2, 3),
+    }
+    torchkeep.save({"w": torch.ones(1)}, tmp_path / "ckpt", metadata=metadata)
+    assert torchkeep.inspect(tmp_path / "ckpt").metadata == {
+        "loss": 0.25, "acc": 0.5, "steps": 7, "config": {"name": "a", "steps": 3}, "out": "/runs/a", "shape": [2, 3],
+    }  # fmt: skip
+    with pytest.raises(torchkeep.UnsupportedObjectError, match=r"metadata\['bad'\] is a builtins.object"):
+        torchkeep.save({"w": torch.ones(1)}, tmp_path / "other", metadata={"bad": object()})
+    with pytest.raises(torchkeep.UnsupportedObjectError, match="finite"):
+        torchkeep.save({"w": torch.ones(1)}, tmp_path / "other", metadata={"nan": float("nan")})
+
+
+class Payload:
+    def __reduce__(self) -> Any:
+        return (print, ("ran",))
+
+
+def test_trust_is_accepted_wherever_a_message_asks_for_it(tmp_path: Path) -> None:
+    torch.save({"weight": torch.ones(2, 2), "bias": torch.ones(2), "extra": Payload()}, tmp_path / "m.pth")
+    with pytest.raises(torchkeep.UnsafeCheckpointError, match="trust=True"):
+        torchkeep.load_into(nn.Linear(2, 2), tmp_path / "m.pth", strict=False)
+    with pytest.warns(UserWarning, match="trust=True"):
+        assert torchkeep.load_into(nn.Linear(2, 2), tmp_path / "m.pth", strict=False, trust=True).loaded
+    with pytest.warns(UserWarning, match="trust=True"):
+        assert torchkeep.verify(tmp_path / "m.pth", trust=True).tensors == 2
+    with pytest.warns(UserWarning, match="trust=True"):
+        assert len(torchkeep.inspect(tmp_path / "m.pth", trust=True).tensors) == 2

@@ -53,6 +53,7 @@ def test_public_names_are_pinned() -> None:
         "inspect",
         "load",
         "load_into",
+        "register_type",
         "save",
         "verify",
     }

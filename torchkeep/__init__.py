@@ -25,6 +25,7 @@ from torchkeep.errors import (
     UnsupportedFormatError,
     UnsupportedObjectError,
 )
+from torchkeep.extensions import register_type
 from torchkeep.info import CheckpointInfo, TensorInfo, VerifyReport
 from torchkeep.loading import inspect, load, verify
 from torchkeep.manager import CheckpointManager, SaveHandle
@@ -88,6 +89,7 @@ __all__ = [
     "inspect",
     "load",
     "load_into",
+    "register_type",
     "save",
     "verify",
 ]

@@ -10,13 +10,22 @@ import torch
 __all__ = ["TensorChange", "compare_tensors", "flatten_tensors", "flatten_tree"]
 
 
+_EXTRA_STATE = "_extra_state"  # the key torch gives what nn.Module.get_extra_state returns
+
+
 def flatten_tree(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """A nested state dict as ``{"a.b.c": leaf}`` (lists by index); a flat one comes back as it is."""
+    """A nested state dict as ``{"a.b.c": leaf}`` (lists by index); a flat one comes back as it is.
+
+    A module's extra state (``..._extra_state``, whatever ``get_extra_state``
+    returned) is one leaf, as ``load_state_dict`` expects it.
+    """
     if isinstance(tree, dict):
         out: dict[str, Any] = {}
         for k, v in tree.items():
             name = f"{prefix}{k}"
-            if isinstance(v, (dict, list, tuple)) and not isinstance(v, torch.Size):
+            if k == _EXTRA_STATE:
+                out[name] = v
+            elif isinstance(v, (dict, list, tuple)) and not isinstance(v, torch.Size):
                 out.update(flatten_tree(v, name + "."))
             else:
                 out[name] = v

@@ -171,25 +171,26 @@ def read_source(
     return source.read_tree(verify=verify, key=key, place=None if plain else place, copy=not mmap)
 
 
-def inspect(path: str | os.PathLike[str], *, storage: Storage | None = None) -> CheckpointInfo:
+def inspect(path: str | os.PathLike[str], *, trust: bool = False, storage: Storage | None = None) -> CheckpointInfo:
     """Describe a checkpoint (dtypes, shapes, sizes, metadata, tree) without reading tensor data.
 
     For torch zip files the tensors are memory-mapped and not touched; a legacy
-    (non-zip) torch file has to be read whole.
+    (non-zip) torch file has to be read whole. ``trust`` is as for :func:`load`.
     """
     st, key = resolve(path, storage)
-    return read_consistently(st, key, lambda source: source.info())
+    return read_consistently(st, key, lambda source: source.info(trust=trust))
 
 
-def verify(path: str | os.PathLike[str], *, storage: Storage | None = None) -> VerifyReport:
+def verify(path: str | os.PathLike[str], *, trust: bool = False, storage: Storage | None = None) -> VerifyReport:
     """Re-read every byte of a checkpoint and check it against its checksums.
 
     Returns a report when everything is intact. Files without checksums
-    (foreign safetensors, legacy torch files) are parsed completely instead.
+    (foreign safetensors, legacy torch files) are parsed completely instead,
+    and the report's ``method`` says ``"structure"``. ``trust`` is as for :func:`load`.
 
     Raises:
         ChecksumMismatchError: names every damaged tensor (or zip record).
         CorruptCheckpointError: the structure is damaged.
     """
     st, key = resolve(path, storage)
-    return read_consistently(st, key, lambda source: source.check())
+    return read_consistently(st, key, lambda source: source.check(trust=trust))

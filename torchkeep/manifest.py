@@ -23,8 +23,11 @@ An unknown format version is refused, never guessed at.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
+import math
+import os
 import platform
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -125,8 +128,48 @@ def provenance() -> dict[str, str]:
     }
 
 
+def _plain(value: Any, where: str) -> Any:
+    """The JSON form of a metadata value: the values people keep in configs become plain JSON."""
+    if value is None or type(value) in (bool, int, str):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise UnsupportedObjectError(f"{where} is {value}, and metadata is JSON: use a finite number or a string.")
+        return float(value)
+    if isinstance(value, (np.generic, torch.Tensor)) and getattr(value, "ndim", 0) == 0:
+        return _plain(value.item(), where)  # a numpy or tensor scalar, such as a loss
+    if isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, int):  # subclasses such as IntEnum
+        return int(value)
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name), f"{where}.{f.name}") for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise UnsupportedObjectError(f"{where} has the key {key!r}; metadata keys are strings.")
+            out[key] = _plain(item, f"{where}[{key!r}]")
+        return out
+    if isinstance(value, (list, tuple)):
+        return [_plain(item, f"{where}[{i}]") for i, item in enumerate(value)]
+    raise UnsupportedObjectError(
+        f"{where} is a {type(value).__module__}.{type(value).__qualname__}, which metadata cannot hold: metadata "
+        "is JSON (str keys; str, int, float, bool, None, lists, dicts; numpy and tensor scalars, paths and "
+        "dataclasses are converted). Convert it, or save it in the state tree instead."
+    )
+
+
 def check_metadata(metadata: object) -> dict[str, Any]:
-    """Validate user metadata: a JSON object with str keys and finite numbers."""
+    """Turn user metadata into plain JSON, or refuse it with the place of the first value that cannot be.
+
+    Numpy and tensor scalars become numbers, paths strings, dataclasses dicts
+    of their fields, tuples lists: what comes back on load is the plain form.
+    """
     if metadata is None:
         return {}
     if not isinstance(metadata, dict):
@@ -134,14 +177,12 @@ def check_metadata(metadata: object) -> dict[str, Any]:
             f"metadata must be a dict of JSON values, not {type(metadata).__name__}.", key="metadata"
         )
     try:
-        json.dumps(metadata, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise UnsupportedObjectError(
-            f"metadata is not plain JSON ({exc}); use str keys and str/int/float/bool/None/list/dict "
-            "values, with finite floats.",
-            key="metadata",
-        ) from exc
-    return metadata
+        plain = _plain(metadata, "metadata")
+    except UnsupportedObjectError as err:
+        raise UnsupportedObjectError(str(err), key="metadata") from None
+    except RecursionError:
+        raise UnsupportedObjectError("metadata is nested too deeply (or contains itself).", key="metadata") from None
+    return plain
 
 
 @dataclass(frozen=True)

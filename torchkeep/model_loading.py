@@ -246,7 +246,7 @@ def _load_module(
     dtype: torch.dtype | None,
     assign: bool,
     verify: bool,
-    storage: Storage | None,
+    trust: bool,
 ) -> LoadReport:
     report = LoadReport()
     target = module.state_dict(keep_vars=True)
@@ -256,7 +256,7 @@ def _load_module(
         tree = (
             source
             if opened is None
-            else read_source(opened, map_location=map_location, dtype=dtype, verify=verify, mmap=False)
+            else read_source(opened, map_location=map_location, dtype=dtype, verify=verify, trust=trust, mmap=False)
         )
         items = dict(flatten_tree(_select(tree, key, where)))
     else:
@@ -267,7 +267,7 @@ def _load_module(
                 "copied into; pass assign=True to make the loaded tensors its parameters.",
                 key=meta[0],
             )
-        tree = source if opened is None else opened.placeholder_tree()
+        tree = source if opened is None else opened.placeholder_tree(trust=trust)
         items = _stream_items(opened, tree, key, where)
     mapping = _match_keys(list(items), set(target), rename, report)
     matched: list[tuple[str, str]] = []
@@ -387,6 +387,7 @@ def load_into(
     assign: bool = False,
     key: str | Sequence[str | int] | None = None,
     verify: bool = True,
+    trust: bool = False,
     storage: Storage | None = None,
 ) -> LoadReport:
     """Load a checkpoint into a module, an optimizer or any object with ``load_state_dict``.
@@ -422,6 +423,7 @@ def load_into(
         key: load the subtree under this key (or path of keys) of the checkpoint,
             such as ``"model"`` in a training checkpoint.
         verify: check each tensor's checksum as it is read (default).
+        trust: for a ``.pth`` holding pickled objects, unpickle it fully (see :func:`torchkeep.load`).
         storage: read from this storage, with ``source`` as the key.
 
     Returns:
@@ -447,13 +449,13 @@ def load_into(
             skey,
             lambda opened: load_into(
                 target, opened, strict=strict, rename=rename, on_mismatch=on_mismatch, map_location=map_location,
-                dtype=dtype, assign=assign, key=key, verify=verify,
+                dtype=dtype, assign=assign, key=key, verify=verify, trust=trust,
             ),
         )  # fmt: skip
     if isinstance(target, nn.Module):
         return _load_module(
             target, source, key=key, strict=strict, rename=rename, on_mismatch=on_mismatch,
-            map_location=map_location, dtype=dtype, assign=assign, verify=verify, storage=storage,
+            map_location=map_location, dtype=dtype, assign=assign, verify=verify, trust=trust,
         )  # fmt: skip
     if not (callable(getattr(target, "state_dict", None)) and callable(getattr(target, "load_state_dict", None))):
         raise InvalidArgumentError(
@@ -463,9 +465,11 @@ def load_into(
     if opened is None:
         state = _select(source, key, where)
     elif isinstance(key, str) and key in (opened.top_level_names() or []):
-        state = read_source(opened, map_location=map_location, dtype=dtype, verify=verify, key=key, mmap=False)
+        state = read_source(
+            opened, map_location=map_location, dtype=dtype, verify=verify, trust=trust, key=key, mmap=False
+        )
     else:
-        tree = read_source(opened, map_location=map_location, dtype=dtype, verify=verify, mmap=False)
+        tree = read_source(opened, map_location=map_location, dtype=dtype, verify=verify, trust=trust, mmap=False)
         state = _select(tree, key, where)
     report = LoadReport()
     if isinstance(target, torch.optim.Optimizer):

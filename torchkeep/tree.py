@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import base64
 import collections
+import dataclasses
 import json
 import math
+import os
+import pathlib
 import struct
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -22,8 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from torchkeep import extensions
 from torchkeep.dtypes import check_savable_dtype, torch_dtype_from_name, torch_dtype_name
-from torchkeep.errors import CorruptCheckpointError, UnsupportedObjectError
+from torchkeep.errors import CorruptCheckpointError, UnsupportedFormatError, UnsupportedObjectError
 
 __all__ = ["ArrayLeaf", "decode_tree", "encode_tree", "location", "select_node", "tensor_names"]
 
@@ -125,7 +130,29 @@ class _Encoder:
             return {"t": "bytes", "b64": base64.b64encode(obj).decode("ascii")}
         if kind in (dict, collections.OrderedDict, list, tuple):
             return self.container(obj, parts)
-        raise self.refusal(obj, parts)
+        return self.extension(obj, parts)
+
+    def extension(self, obj: Any, parts: list[object]) -> Any:
+        """Paths, dataclasses and the types registered with :func:`torchkeep.register_type`."""
+        kind = type(obj)
+        registered = extensions.by_class(kind)
+        is_dataclass = dataclasses.is_dataclass(obj) and not isinstance(obj, type)
+        is_path = isinstance(obj, pathlib.PurePath)
+        if not (registered or is_dataclass or is_path):
+            raise self.refusal(obj, parts)
+        if not self.numpy_ok:
+            raise _unsupported(
+                parts,
+                f"it is a {kind.__qualname__}, which torch.load(weights_only=True) cannot open",
+                "Save to a native or .safetensors checkpoint, which hold it without pickle.",
+            )
+        if is_path:
+            return {"t": "path", "v": os.fspath(obj)}
+        if registered is not None and registered.to_tree is not None:
+            return {"t": "ext", "type": registered.name, "v": self.encode(registered.to_tree(obj), parts)}
+        name = registered.name if registered is not None else f"{kind.__module__}.{kind.__qualname__}"
+        fields = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+        return {"t": "dataclass", "type": name, "fields": self.container(fields, parts)}
 
     def container(self, obj: Any, parts: list[object]) -> dict[str, Any]:
         if len(parts) >= MAX_DEPTH:
@@ -266,10 +293,11 @@ def encode_tree(obj: Any, *, numpy_ok: bool = True, in_manifest: bool = True) ->
 
 
 class _Decoder:
-    def __init__(self, arrays: Mapping[str, Any], path: str | None, placeholders: bool) -> None:
+    def __init__(self, arrays: Mapping[str, Any], path: str | None, placeholders: bool, build_types: bool) -> None:
         self.arrays = arrays
         self.path = path
         self.placeholders = placeholders
+        self.build_types = build_types or not placeholders
         self._parameters: dict[str, torch.nn.Parameter] = {}
 
     def fail(self, parts: list[object], why: str) -> CorruptCheckpointError:
@@ -318,11 +346,57 @@ class _Decoder:
                 return torch_dtype_from_name(node["v"], path=self.path, key=location(parts))
             if tag == "device":
                 return torch.device(node["v"])
-        except CorruptCheckpointError:
+            if tag == "path":
+                if not isinstance(node["v"], str):
+                    raise TypeError("the path is not a string")
+                return pathlib.Path(node["v"])
+            if tag in ("dataclass", "ext"):
+                return self.extension(node, parts)
+        except (CorruptCheckpointError, UnsupportedFormatError):
             raise
         except (KeyError, TypeError, ValueError, RuntimeError, struct.error) as exc:
             raise self.fail(parts, f"malformed {tag!r} node ({exc})") from exc
         raise self.fail(parts, f"unknown node type {tag!r}")
+
+    def extension(self, node: dict[str, Any], parts: list[object]) -> Any:
+        name = node["type"]
+        if not isinstance(name, str):
+            raise TypeError("the type name is not a string")
+        registered = extensions.by_name(name)
+        if node["t"] == "ext":
+            value = self.decode(node["v"], parts)
+            if not self.build_types:
+                return value
+            if registered is None or registered.from_tree is None:
+                raise UnsupportedFormatError(
+                    f"{location(parts)} of {self.path!r} is a {name!r}, a type registered with "
+                    "torchkeep.register_type when it was saved; register it the same way before loading.",
+                    path=self.path,
+                    key=location(parts),
+                )
+            return registered.from_tree(value)
+        fields = self.decode(node["fields"], parts)
+        if not isinstance(fields, dict):
+            raise TypeError("the fields are not a dict")
+        if not self.build_types:
+            return fields
+        if registered is None:
+            warnings.warn(
+                f"{location(parts)} of {self.path!r} was a {name} dataclass; it is loaded as a dict of its "
+                "fields. torchkeep.register_type(THE_CLASS) before loading rebuilds it.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return fields
+        try:
+            return registered.cls(**fields)
+        except TypeError as exc:
+            raise CorruptCheckpointError(
+                f"{location(parts)} of {self.path!r} does not fit {name} any more ({exc}); "
+                "load it as a dict of fields by loading without registering the class.",
+                path=self.path,
+                key=location(parts),
+            ) from exc
 
     def array(self, name: object, parts: list[object]) -> Any:
         if not isinstance(name, str) or name not in self.arrays:
@@ -347,7 +421,14 @@ class _Decoder:
         return value
 
 
-def decode_tree(node: Any, arrays: Mapping[str, Any], *, path: str | None = None, placeholders: bool = False) -> Any:
+def decode_tree(
+    node: Any,
+    arrays: Mapping[str, Any],
+    *,
+    path: str | None = None,
+    placeholders: bool = False,
+    build_types: bool = False,
+) -> Any:
     """Rebuild a tree from its JSON node and its arrays by name.
 
     With ``placeholders``, ``arrays`` may hold any stand-in (such as a
@@ -356,7 +437,7 @@ def decode_tree(node: Any, arrays: Mapping[str, Any], *, path: str | None = None
     Raises:
         CorruptCheckpointError: the node is malformed or names a missing array.
     """
-    return _Decoder(arrays, path, placeholders).decode(node, [])
+    return _Decoder(arrays, path, placeholders, build_types).decode(node, [])
 
 
 def select_node(node: Any, key: Any, *, path: str | None = None) -> Any:

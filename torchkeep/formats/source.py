@@ -105,10 +105,15 @@ class ManifestSource:
 
     # -- describing ---------------------------------------------------------------------------
 
-    def placeholder_tree(self, node: Any = None) -> Any:
-        """The tree (or the subtree ``node`` of its JSON) with each tensor's :class:`TensorEntry` in its place."""
+    def placeholder_tree(self, node: Any = None, *, trust: bool = False) -> Any:
+        """The tree (or the subtree ``node`` of its JSON) with each tensor's :class:`TensorEntry` in its place.
+
+        Registered types and dataclasses are rebuilt (a module's extra state is
+        often one); ``info()`` shows them as their saved trees instead.
+        """
         entries = {e.name: e for e in self.manifest.tensors}
-        return decode_tree(self.manifest.tree if node is None else node, entries, path=self.path, placeholders=True)
+        tree = self.manifest.tree if node is None else node
+        return decode_tree(tree, entries, path=self.path, placeholders=True, build_types=True)
 
     def top_level_names(self) -> list[Any] | None:
         """The keys of the tree's top-level dict, read from the JSON alone; None when it is not a dict."""
@@ -117,7 +122,8 @@ class ManifestSource:
             return [item[0] for item in tree.get("items", []) if isinstance(item, list) and item]
         return None
 
-    def info(self) -> CheckpointInfo:
+    def info(self, *, trust: bool = False) -> CheckpointInfo:
+        """Describe the tensors without reading them (``trust`` matters to torch files only)."""
         manifest = self.manifest
         infos = {
             e.name: TensorInfo(
@@ -258,14 +264,15 @@ class ManifestSource:
             arrays = {name: place(name, value, devices[name]) for name, value in arrays.items()}
         return decode_tree(node, arrays, path=self.path)
 
-    def check(self) -> VerifyReport:
+    def check(self, *, trust: bool = False) -> VerifyReport:
         """Re-read every byte and compare it with its checksum (``torchkeep.verify``).
 
         Everything ``load`` checks is checked too: the tree's structure and
         references, every dtype and size, then every byte.
         """
         entries = self.manifest.tensors
-        self.placeholder_tree()
+        # The structure as load decodes it (types of the user's own are checked, not built).
+        decode_tree(self.manifest.tree, {e.name: e for e in entries}, path=self.path, placeholders=True)
         _, nbytes = self.read_arrays(verify=True, build=False)
         if all(e.checksum for e in entries):
             return VerifyReport(self.path, self.format, len(entries), nbytes, "xxh3-64")
@@ -287,6 +294,7 @@ class TorchFileSource:
     path: str
     storage: Storage
     key: str
+    _cache: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
 
     def read(self, *, map_location: Any = "cpu", trust: bool = False) -> Any:
         """Unpickle the file (scanned first; zip files are memory-mapped where the storage allows)."""
@@ -294,29 +302,31 @@ class TorchFileSource:
             self.storage, self.key, zip_format=self.format == Format.TORCH_ZIP, map_location=map_location, trust=trust
         )
 
-    @functools.cached_property
-    def _tree(self) -> Any:
-        return self.read()
+    def _loaded(self, trust: bool = False) -> Any:
+        key = "trusted" if trust else "restricted"
+        if key not in self._cache:
+            self._cache[key] = self.read(trust=trust)
+        return self._cache[key]
 
-    def placeholder_tree(self, node: Any = None) -> Any:
+    def placeholder_tree(self, node: Any = None, *, trust: bool = False) -> Any:
         """The unpickled tree; its tensors are real (on the CPU), not placeholders."""
-        return self._tree
+        return self._loaded(trust)
 
     def top_level_names(self) -> list[Any] | None:
-        tree = self._tree
+        tree = self._loaded()
         return list(tree) if isinstance(tree, Mapping) else None
 
-    def info(self) -> CheckpointInfo:
-        tree, tensors = _torch_info(self._tree)
+    def info(self, *, trust: bool = False) -> CheckpointInfo:
+        tree, tensors = _torch_info(self._loaded(trust))
         return CheckpointInfo(
             path=self.path, format=self.format, format_version=None, tree=tree, tensors=tuple(tensors)
         )
 
-    def check(self) -> VerifyReport:
+    def check(self, *, trust: bool = False) -> VerifyReport:
+        nbytes = crc_check(self.storage, self.key) if self.format == Format.TORCH_ZIP else 0  # the records first
+        tensors = _torch_info(self._loaded(trust))[1]
         if self.format == Format.TORCH_ZIP:
-            nbytes = crc_check(self.storage, self.key)
-            return VerifyReport(self.path, self.format, len(_torch_info(self._tree)[1]), nbytes, "crc32")
-        tensors = _torch_info(self._tree)[1]
+            return VerifyReport(self.path, self.format, len(tensors), nbytes, "crc32")
         return VerifyReport(self.path, self.format, len(tensors), sum(t.nbytes for t in tensors), "structure")
 
     def stream_into(self, jobs: list[CopyJob], *, verify: bool) -> set[str]:
