@@ -21,9 +21,9 @@ def run(capsys: Any, *args: str) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
-def as_json(capsys: Any, *args: str) -> Any:
+def as_json(capsys: Any, *args: str, status: int = 0) -> Any:
     code, out, err = run(capsys, *args, "--json")
-    assert code == 0, err
+    assert code == status, err
     return json.loads(out)
 
 
@@ -68,13 +68,15 @@ def test_verify_exit_status(capsys: Any, run_dir: Path) -> None:
 
 
 def test_diff(capsys: Any, run_dir: Path) -> None:
-    data = as_json(capsys, "diff", str(run_dir / "step-00000010"), str(run_dir / "step-00000030"))
+    data = as_json(capsys, "diff", str(run_dir / "step-00000010"), str(run_dir / "step-00000030"), status=1)
     changes = {c["key"]: c for c in data["changes"]}
     assert changes["model.0.weight"]["max_abs"] == pytest.approx(0.2, rel=1e-5)
     assert changes["model.1.weight"]["max_abs"] == 0
-    assert not data["added"] and not data["removed"]
+    assert not data["added"] and not data["removed"] and not data["identical"]
     code, out, _ = run(capsys, "diff", str(run_dir / "step-00000010"), str(run_dir / "step-00000030"))
-    assert code == 0 and "model.0.weight" in out
+    assert code == 1 and "model.0.weight" in out  # differences exit 1, like diff
+    same = as_json(capsys, "diff", str(run_dir / "step-00000010"), str(run_dir / "step-00000010"))
+    assert same["identical"]
 
 
 @pytest.mark.parametrize("dst", ["out.safetensors", "out.pth", "out-dir"])
@@ -97,7 +99,7 @@ def test_convert_refusal_is_one_clear_line(capsys: Any, run_dir: Path, tmp_path:
 def test_ls_flags_best_rules_and_damage(capsys: Any, run_dir: Path) -> None:
     (run_dir / "step-00000030" / "manifest.json").unlink()
     rows = as_json(capsys, "ls", str(run_dir), "--keep-last", "1", "--keep-best", "1", "--monitor", "loss")
-    by_step = {r["step"]: r for r in rows}
+    by_step = {r["step"]: r for r in rows["checkpoints"]}
     assert by_step[30]["state"] == "incomplete"
     assert by_step[20]["best"] and by_step[20]["kept_by"] == ["last 1", "best 1"]
     assert by_step[10]["kept_by"] == []
@@ -107,13 +109,13 @@ def test_ls_flags_best_rules_and_damage(capsys: Any, run_dir: Path) -> None:
 
 def test_prune(capsys: Any, run_dir: Path) -> None:
     data = as_json(capsys, "prune", str(run_dir), "--keep-last", "1", "--dry-run")
-    assert data == {"would_delete": [10, 20], "kept": [30]}
+    assert data == {"would_delete": [10, 20], "kept": [30], "leftovers": []}
     assert len([p for p in os.listdir(run_dir) if p.startswith("step-")]) == 3
     data = as_json(capsys, "prune", str(run_dir), "--keep-last", "1", "--keep-best", "1", "--monitor", "loss")
-    assert data == {"deleted": [10], "kept": [20, 30]}
+    assert data == {"deleted": [10], "kept": [20, 30], "leftovers_removed": []}
     assert sorted(p for p in os.listdir(run_dir) if p.startswith("step-")) == ["step-00000020", "step-00000030"]
-    code, _, err = run(capsys, "prune", str(run_dir))
-    assert code == 2 and "--keep-last" in err
+    data = as_json(capsys, "prune", str(run_dir))  # no policy: deletes no checkpoint
+    assert data["deleted"] == [] and data["kept"] == [20, 30]
 
 
 class Payload:

@@ -1,8 +1,19 @@
 """The ``torchkeep`` command: a thin layer over the public API.
 
 Every command prints readable tables, or JSON with ``--json``; an error is one
-line on stderr and a non-zero exit status (``--debug`` shows the traceback).
-Needs the ``cli`` extra (click, rich); ``plot`` also needs matplotlib.
+line on stderr (``--debug``, anywhere on the line, shows the traceback).
+Needs the ``cli`` extra (click, rich); ``plot`` also needs matplotlib. torch
+is imported only by the commands that read tensors, so ``--help`` is quick.
+
+Exit statuses, the same for every command:
+
+==  ==========================================================================
+0   done; everything checked is intact, identical, or safe
+1   the answer is no: damage found (verify), differences (diff), unsafe pickles (scan)
+2   an error: bad arguments, nothing at the path, unreadable input, refused writes
+3   verify read everything but could check structure only (no checksums in the file)
+130 interrupted (Ctrl-C)
+==  ==========================================================================
 """
 
 from __future__ import annotations
@@ -20,16 +31,19 @@ from rich.console import Console
 from rich.table import Table
 
 import torchkeep
-from torchkeep.compare import compare_tensors, flatten_tensors
+from torchkeep._version import __version__
 from torchkeep.errors import TorchkeepError
-from torchkeep.formats import open_checkpoint
 from torchkeep.info import TensorInfo, human_size
 from torchkeep.retention import KeepBest, KeepLast, best_record, steps_to_delete
-from torchkeep.run_directory import read_records
-from torchkeep.scan import scan_file
-from torchkeep.storage import resolve
+from torchkeep.storage import join_key, resolve
 
-__all__ = ["main"]
+__all__ = ["EXIT_CHANGED", "EXIT_ERROR", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_STRUCTURE_ONLY", "main"]
+
+EXIT_OK = 0
+EXIT_CHANGED = 1  # damage, differences, unsafe pickles: the answer is no
+EXIT_ERROR = 2
+EXIT_STRUCTURE_ONLY = 3  # verified what could be, but the file carries no checksums
+EXIT_INTERRUPTED = 130
 
 
 def _out() -> Console:
@@ -54,12 +68,43 @@ def _emit(data: Any) -> None:
     click.echo(json.dumps(_jsonable(data), indent=1))
 
 
-@click.group()
-@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@click.group(
+    epilog="Exit status: 0 done and intact; 1 damage, differences or unsafe pickles found; 2 error; "
+    "3 verified structure only (no checksums); 130 interrupted."
+)
+@click.version_option(__version__, prog_name="torchkeep")
+@click.option("--debug", is_flag=True, help="Show tracebacks (accepted anywhere on the line).")
 @click.pass_context
 def cli(ctx: click.Context, debug: bool) -> None:
     """Look inside, check, compare, convert and manage torchkeep checkpoints."""
     ctx.obj = {"debug": debug}
+
+
+def _existing_folder(path: str) -> tuple[Any, str]:
+    """The storage and key of a folder that must exist: commands that read never create one."""
+    storage, prefix = resolve(path)
+    if not storage.exists(prefix) or not storage.is_dir(prefix):
+        raise click.ClickException(f"{path!r} is not an existing directory.")
+    return storage, prefix
+
+
+def _checkpoints_in(path: str) -> list[str]:
+    """``path`` itself, or each checkpoint of a manager directory or registry folder that ``path`` is."""
+    storage, key = resolve(path)
+    if not storage.is_dir(key) or "manifest.json" in storage.list(key):
+        return [path]
+    names = storage.list(key)
+    steps = [n for n in names if n.startswith("step-") and n[5:].isdigit()]
+    if steps:
+        return [storage.describe(join_key(key, n)) for n in steps]
+    if "models" in names:
+        found = []
+        for model in storage.list(join_key(key, "models")):
+            for version in storage.list(join_key(key, "models", model)):
+                if version.startswith("v") and version[1:].isdigit():
+                    found.append(storage.describe(join_key(key, "models", model, version)))
+        return found or [path]
+    return [path]
 
 
 @cli.command()
@@ -94,32 +139,61 @@ def inspect(path: str, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("paths", nargs=-1, required=True)
+@click.option("--trust", is_flag=True, help="Unpickle .pth files fully (only files you wrote: runs their code).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def verify(paths: Sequence[str], as_json: bool) -> None:
-    """Re-read every byte and check it; exit status 0 only when everything verifies."""
+def verify(paths: Sequence[str], trust: bool, as_json: bool) -> None:
+    """Re-read every byte and check it against its checksum.
+
+    A manager directory or a registry folder verifies every checkpoint in it.
+    Exit status 0 when everything verifies, 1 when anything is damaged, 3 when
+    a file carries no checksums (safetensors from elsewhere, legacy torch
+    files), so only its structure could be checked.
+    """
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+    targets = [target for path in paths for target in _checkpoints_in(path)]
+    sizes = {}
+    for target in targets:
+        try:
+            sizes[target] = torchkeep.inspect(target, trust=trust).nbytes
+        except TorchkeepError:
+            sizes[target] = 0
     results: list[dict[str, Any]] = []
     out = _out()
-    with out.status("verifying") as status:
-        for path in paths:
-            status.update(f"verifying {path}")
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True, disable=as_json) as progress:
+        task = progress.add_task("verifying", total=sum(sizes.values()) or None)
+        for target in targets:
+            progress.update(task, description=f"verifying {os.path.basename(target)}")
             try:
-                report = torchkeep.verify(path)
-                results.append({"path": path, "ok": True, "tensors": report.tensors, "nbytes": report.nbytes,
-                                "method": report.method})  # fmt: skip
+                report = torchkeep.verify(target, trust=trust)
+                results.append({"path": target, "ok": True, "tensors": report.tensors, "nbytes": report.nbytes,
+                                "method": report.method, "checksums": report.method != "structure"})  # fmt: skip
             except TorchkeepError as err:
-                results.append({"path": path, "ok": False, "error": str(err), "error_type": type(err).__name__,
+                results.append({"path": target, "ok": False, "error": str(err), "error_type": type(err).__name__,
                                 "damaged": getattr(err, "damaged", [])})  # fmt: skip
+            progress.advance(task, sizes[target])
     if as_json:
         _emit(results)
     else:
         for r in results:
-            if r["ok"]:
+            if r["ok"] and r["checksums"]:
                 size = human_size(r["nbytes"])
                 out.print(f"[green]OK[/green]   {r['path']}: {r['tensors']} tensors, {size} ({r['method']})")
+            elif r["ok"]:
+                out.print(
+                    f"[yellow]STRUCTURE ONLY[/yellow] {r['path']}: {r['tensors']} tensors read and well formed, "
+                    "but the file carries no checksums, so damaged values cannot be told from good ones"
+                )
             else:
                 out.print(f"[red]FAIL[/red] {r['path']}: {r['error']}")
+        if len(results) > 1:
+            good = sum(r["ok"] for r in results)
+            out.print(f"{good} of {len(results)} verified, {len(results) - good} failed")
     if not all(r["ok"] for r in results):
-        sys.exit(1)
+        sys.exit(EXIT_CHANGED)
+    if not all(r["checksums"] for r in results):
+        sys.exit(EXIT_STRUCTURE_ONLY)
 
 
 @cli.command()
@@ -127,16 +201,24 @@ def verify(paths: Sequence[str], as_json: bool) -> None:
 @click.argument("b")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def diff(a: str, b: str, as_json: bool) -> None:
-    """Added and removed keys, shape and dtype changes, max absolute and relative differences, metadata."""
+    """Added and removed keys, shape and dtype changes, max absolute and relative differences, metadata.
+
+    Exit status 0 when the tensors and metadata are identical, 1 when they differ (like ``diff``).
+    """
+    from torchkeep.compare import compare_tensors, flatten_tensors
+
     added, removed, changes = compare_tensors(flatten_tensors(torchkeep.load(a)), flatten_tensors(torchkeep.load(b)))
     meta_a, meta_b = torchkeep.inspect(a).metadata, torchkeep.inspect(b).metadata
     metadata = {
         k: [meta_a.get(k), meta_b.get(k)] for k in sorted(set(meta_a) | set(meta_b)) if meta_a.get(k) != meta_b.get(k)
     }
+    differs = bool(added or removed or metadata) or any(
+        c.max_abs != 0 or c.dtype_a != c.dtype_b or c.shape_a != c.shape_b for c in changes
+    )
     if as_json:
-        _emit({"added": added, "removed": removed, "metadata": metadata,
+        _emit({"added": added, "removed": removed, "metadata": metadata, "identical": not differs,
                "changes": [c.__dict__ for c in changes]})  # fmt: skip
-        return
+        sys.exit(EXIT_CHANGED if differs else EXIT_OK)
     out = _out()
     for key in added:
         out.print(f"[green]+ {key}[/green]")
@@ -157,6 +239,8 @@ def diff(a: str, b: str, as_json: bool) -> None:
     out.print(f"{same} tensor(s) identical")
     for key, (va, vb) in metadata.items():
         out.print(f"metadata {key}: {va!r} -> {vb!r}")
+    if differs:
+        sys.exit(EXIT_CHANGED)
 
 
 _DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
@@ -169,19 +253,40 @@ _DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16"
 @click.option("--dtype", type=click.Choice(sorted(_DTYPES)), default=None, help="Cast floating-point tensors.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def convert(src: str, dst: str, dtype: str | None, as_json: bool) -> None:
-    """Convert between native, .safetensors and .pth (sharded safetensors are read); the format follows DST."""
+    """Convert between native, .safetensors and .pth (sharded safetensors are read); the format follows DST.
+
+    The metadata travels with the tensors, except into a .pth, which has no place for it (said in the output).
+    """
     import torch
 
+    from torchkeep.formats.detect import Format
+
     start = time.perf_counter()
-    tree = torchkeep.load(src, dtype=getattr(torch, _DTYPES[dtype]) if dtype else None)
-    torchkeep.save(tree, dst)
+    metadata = torchkeep.inspect(src).metadata
+    keeps_metadata = Format.for_path(dst) != Format.TORCH_ZIP
+    with _out().status(f"converting {src}", spinner="dots") if not as_json else _nothing():
+        tree = torchkeep.load(src, dtype=getattr(torch, _DTYPES[dtype]) if dtype else None)
+        torchkeep.save(tree, dst, metadata=metadata if keeps_metadata else None)
     info = torchkeep.inspect(dst)
+    dropped = sorted(metadata) if metadata and not keeps_metadata else []
     result = {"src": src, "dst": dst, "format": info.format, "tensors": len(info.tensors), "nbytes": info.nbytes,
-              "seconds": time.perf_counter() - start}  # fmt: skip
+              "seconds": time.perf_counter() - start, "metadata_dropped": dropped}  # fmt: skip
     if as_json:
         _emit(result)
     else:
         _out().print(f"{src} -> {dst} ({info.format}): {len(info.tensors)} tensors, {human_size(info.nbytes)}")
+        if dropped:
+            _out().print(f"[yellow]metadata not kept[/yellow] (a .pth has no place for it): {', '.join(dropped)}")
+
+
+class _nothing:
+    """A context manager that does nothing (no spinner under --json)."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
 
 
 def _policies(keep_last: int | None, keep_best: int | None, monitor: str | None, mode: str) -> dict[str, Any]:
@@ -193,6 +298,23 @@ def _policies(keep_last: int | None, keep_best: int | None, monitor: str | None,
             raise click.UsageError("--keep-best needs --monitor")
         policies[f"best {keep_best}"] = KeepBest(keep_best, monitor, mode)  # type: ignore[arg-type]
     return policies
+
+
+def _leftovers(storage: Any, prefix: str) -> list[dict[str, Any]]:
+    """Hidden staging left in a run directory and its object folder (local disks only)."""
+    found = []
+    for folder in (prefix, join_key(prefix, "objects")):
+        for name, size in getattr(storage, "leftovers", lambda _: [])(folder):
+            found.append({"name": join_key(folder, name)[len(prefix) :].lstrip("/"), "size": size})
+    return found
+
+
+def _clean(storage: Any, prefix: str) -> list[str]:
+    removed = []
+    for folder in (prefix, join_key(prefix, "objects")):
+        for name in getattr(storage, "clean", lambda _: [])(folder):
+            removed.append(join_key(folder, name)[len(prefix) :].lstrip("/"))
+    return removed
 
 
 def _retention_options(f: Any) -> Any:
@@ -212,9 +334,14 @@ def _retention_options(f: Any) -> Any:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def ls(directory: str, keep_last: int | None, keep_best: int | None, monitor: str | None, mode: str,
        as_json: bool) -> None:  # fmt: skip
-    """A manager directory's checkpoints: step, time, size, metrics, best, what keeps each, damage."""
-    storage, prefix = resolve(directory)
-    prefix = f"{prefix}" if prefix else ""
+    """A manager directory's checkpoints: step, time, size, metrics, best, what keeps each, damage.
+
+    Also lists what interrupted saves left behind (hidden staging folders); ``prune`` removes them.
+    """
+    from torchkeep.formats import open_checkpoint
+    from torchkeep.run_directory import read_records
+
+    storage, prefix = _existing_folder(directory)
     records = read_records(storage, prefix, warn=False)
     policies = _policies(keep_last, keep_best, monitor, mode)
     kept_by = {name: policy.keep(records) for name, policy in policies.items()}
@@ -242,8 +369,9 @@ def ls(directory: str, keep_last: int | None, keep_best: int | None, monitor: st
         }  # fmt: skip
         rows.append(row)
     rows.sort(key=lambda row: row["step"])
+    leftovers = _leftovers(storage, prefix)
     if as_json:
-        _emit(rows)
+        _emit({"checkpoints": rows, "leftovers": leftovers})
         return
     metric_names = sorted({m for row in rows for m in row["metrics"]})
     table = Table("step", "written", "size", *metric_names, "kept by" if policies else "", "")
@@ -256,6 +384,8 @@ def ls(directory: str, keep_last: int | None, keep_best: int | None, monitor: st
         table.add_row(str(row["step"]), when, human_size(row["size"]) if row["size"] else "-", *values,
                       ", ".join(row["kept_by"]), flag)  # fmt: skip
     _out().print(table)
+    for item in leftovers:
+        _out().print(f"[yellow]left by an interrupted save[/yellow]: {item['name']} ({human_size(item['size'])})")
 
 
 @cli.command()
@@ -265,50 +395,82 @@ def ls(directory: str, keep_last: int | None, keep_best: int | None, monitor: st
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def prune(directory: str, keep_last: int | None, keep_best: int | None, monitor: str | None, mode: str,
           dry_run: bool, as_json: bool) -> None:  # fmt: skip
-    """Apply a retention policy after the fact (the newest and the best are always kept)."""
+    """Apply a retention policy after the fact (the newest and the best are always kept).
+
+    Also removes what interrupted saves left behind, never a live writer's staging.
+    """
+    storage, prefix = _existing_folder(directory)
     policies = _policies(keep_last, keep_best, monitor, mode)
-    if not policies:
-        raise click.UsageError("give --keep-last and/or --keep-best")
     with torchkeep.CheckpointManager(directory, monitor=monitor, mode=mode) as mgr:  # type: ignore[arg-type]
         records = mgr.list()
-        doomed = steps_to_delete(records, torchkeep.AnyOf(*policies.values()), monitor=monitor, mode=mode)
+        policy = torchkeep.AnyOf(*policies.values()) if policies else None
+        doomed = steps_to_delete(records, policy, monitor=monitor, mode=mode)
+        leftovers = _leftovers(storage, prefix)
+        cleaned: list[str] = []
         if not dry_run:
             for step in doomed:
                 mgr.delete(step)
+            cleaned = _clean(storage, prefix)
     result = {
         "deleted" if not dry_run else "would_delete": doomed,
         "kept": [r.step for r in records if r.step not in doomed],
+        "leftovers_removed" if not dry_run else "leftovers": cleaned if not dry_run else leftovers,
     }
     if as_json:
         _emit(result)
     else:
         verb = "would delete" if dry_run else "deleted"
         _out().print(f"{verb}: {doomed or 'nothing'}; kept: {result['kept']}")
+        if dry_run and leftovers:
+            _out().print(f"left by interrupted saves: {', '.join(i['name'] for i in leftovers)}")
+        elif cleaned:
+            _out().print(f"removed what interrupted saves left: {', '.join(cleaned)}")
 
 
 @cli.command()
 @click.argument("paths", nargs=-1, required=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def scan(paths: Sequence[str], as_json: bool) -> None:
-    """Statically list what pickle-based files would import; exit 1 when anything unsafe is found."""
-    results = [scan_file(path) for path in paths]
+    """Statically list what pickle-based files would import; exit 1 when anything unsafe is found.
+
+    Files that hold no pickle (safetensors, native checkpoints) are reported as such: they cannot run code.
+    """
+    from torchkeep.scan import scan_file
+
+    plain = [path for path in paths if _holds_no_pickle(path)]
+    results = [scan_file(path) for path in paths if path not in plain]
     if as_json:
-        _emit([{"path": r.path, "ok": r.ok, "pickles": r.pickles, "errors": r.errors,
-                "findings": [{"module": f.module, "name": f.name, "dangerous": f.dangerous} for f in r.findings]}
-               for r in results])  # fmt: skip
+        _emit([{"path": path, "ok": True, "pickles": 0, "errors": [], "findings": [], "pickle_free": True}
+               for path in plain]
+              + [{"path": r.path, "ok": r.ok, "pickles": r.pickles, "errors": r.errors, "pickle_free": False,
+                  "findings": [{"module": f.module, "name": f.name, "dangerous": f.dangerous, "reason": f.describe()}
+                               for f in r.findings]}
+                 for r in results])  # fmt: skip
     else:
         out = _out()
+        for path in plain:
+            out.print(f"[green]clean[/green] {path}: no pickle (safetensors or a torchkeep checkpoint), no code to run")
         for r in results:
             if r.ok:
                 out.print(f"[green]clean[/green] {r.path}: {r.pickles} pickle(s), {len(r.globals)} safe global(s)")
             for f in r.findings:
-                out.print(
-                    f"[red]{'DANGEROUS' if f.dangerous else 'unsafe'}[/red] {r.path}: imports {f.module}.{f.name}"
-                )
+                out.print(f"[red]{'DANGEROUS' if f.dangerous else 'unsafe'}[/red] {r.path}: {f.describe()}")
             for e in r.errors:
                 out.print(f"[red]error[/red] {e}")
     if not all(r.ok for r in results):
-        sys.exit(1)
+        sys.exit(EXIT_CHANGED)
+
+
+def _holds_no_pickle(path: str) -> bool:
+    """A native checkpoint directory or a safetensors file: formats that hold no pickle at all."""
+    if os.path.isdir(path):
+        return os.path.isfile(os.path.join(path, "manifest.json"))
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and 1 < int.from_bytes(head[:8], "little") < 100 * 2**20
 
 
 @cli.command()
@@ -316,8 +478,11 @@ def scan(paths: Sequence[str], as_json: bool) -> None:
 @click.option("--out", "out_path", default=None, help="PNG to write (default: DIRECTORY/metrics.png).")
 @click.option("--monitor", default=None, help="The metric whose best checkpoint is marked.")
 @click.option("--mode", type=click.Choice(["min", "max"]), default="min")
-def plot(directory: str, out_path: str | None, monitor: str | None, mode: str) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def plot(directory: str, out_path: str | None, monitor: str | None, mode: str, as_json: bool) -> None:
     """A PNG of the metrics across checkpoints, the best one marked (needs matplotlib)."""
+    from torchkeep.run_directory import read_records
+
     try:
         import matplotlib
 
@@ -325,7 +490,7 @@ def plot(directory: str, out_path: str | None, monitor: str | None, mode: str) -
         import matplotlib.pyplot as plt
     except ImportError:
         raise click.ClickException("plot needs matplotlib: pip install 'torchkeep[plot]'") from None
-    storage, prefix = resolve(directory)
+    storage, prefix = _existing_folder(directory)
     records = read_records(storage, prefix, warn=False)
     names = sorted({m for r in records for m in r.metrics})
     if not names:
@@ -379,7 +544,10 @@ def plot(directory: str, out_path: str | None, monitor: str | None, mode: str) -
         ) from exc
     finally:
         plt.close(fig)
-    _out().print(f"wrote {target}")
+    if as_json:
+        _emit({"path": target, "metrics": names, "checkpoints": len(records)})
+    else:
+        _out().print(f"wrote {target}")
 
 
 @cli.group()
@@ -393,7 +561,7 @@ def models() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def models_ls(root: str, name: str | None, as_json: bool) -> None:
     """Models (or one model's versions)."""
-    registry = torchkeep.Registry(root)
+    registry = _registry(root)
     if name is None:
         rows = [{"name": m, "versions": len(vs := registry.versions(m)),
                  "latest": vs[-1].version, "aliases": {a: v.version for v in vs for a in v.aliases}}
@@ -412,6 +580,18 @@ def models_ls(root: str, name: str | None, as_json: bool) -> None:
     _out().print(table)
 
 
+def _registry(root: str) -> torchkeep.Registry:
+    """An existing registry: a command never makes one where it was pointed by mistake."""
+    storage, prefix = _existing_folder(root)
+    names = storage.list(prefix)
+    if "models" not in names and "index.sqlite" not in names:
+        raise click.ClickException(
+            f"{root!r} is not a model registry (it has no models folder); torchkeep.Registry(path).register() "
+            "makes one."
+        )
+    return torchkeep.Registry(root)
+
+
 def _version_row(v: torchkeep.ModelVersion) -> dict[str, Any]:
     return {
         "name": v.name, "version": v.version, "created": v.created, "aliases": list(v.aliases),
@@ -426,7 +606,7 @@ def _version_row(v: torchkeep.ModelVersion) -> dict[str, Any]:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def models_show(root: str, name: str, version: str | None, as_json: bool) -> None:
     """One version (a number, an alias, or the latest)."""
-    v = torchkeep.Registry(root).get(name, int(version) if version and version.isdigit() else version)
+    v = _registry(root).get(name, int(version) if version and version.isdigit() else version)
     row = _version_row(v)
     if as_json:
         _emit(row)
@@ -440,10 +620,14 @@ def models_show(root: str, name: str, version: str | None, as_json: bool) -> Non
 @click.argument("name")
 @click.argument("alias")
 @click.argument("version", type=int)
-def models_alias(root: str, name: str, alias: str, version: int) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def models_alias(root: str, name: str, alias: str, version: int, as_json: bool) -> None:
     """Point ALIAS at VERSION."""
-    torchkeep.Registry(root).set_alias(name, alias, version)
-    _out().print(f"{name}:{alias} -> v{version}")
+    _registry(root).set_alias(name, alias, version)
+    if as_json:
+        _emit({"name": name, "alias": alias, "version": version})
+    else:
+        _out().print(f"{name}:{alias} -> v{version}")
 
 
 _OPS = (">=", "<=", "!=", "==", ">", "<", "=")
@@ -473,7 +657,7 @@ def models_search(root: str, name: str | None, conditions: Sequence[str], order_
                   limit: int | None, as_json: bool) -> None:  # fmt: skip
     """Versions whose metadata match, ordered by a metadata field."""
     where = dict(_condition(c) for c in conditions)
-    found = torchkeep.Registry(root).search(name, where=where, order_by=order_by, descending=not ascending, limit=limit)
+    found = _registry(root).search(name, where=where, order_by=order_by, descending=not ascending, limit=limit)
     rows = [_version_row(v) for v in found]
     if as_json:
         _emit(rows)
@@ -488,21 +672,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; returns the exit status instead of raising (errors are one line on stderr)."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
+    if debug:  # accepted anywhere on the line, as the group's own option
+        args = ["--debug", *(a for a in args if a != "--debug")]
     try:
         cli.main(args=args, prog_name="torchkeep", standalone_mode=False)
     except SystemExit as exc:
-        return int(exc.code or 0) if isinstance(exc.code, int) or exc.code is None else 1
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        return 130
+        return int(exc.code or 0) if isinstance(exc.code, int) or exc.code is None else EXIT_ERROR
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        click.echo("interrupted", err=True)
+        return EXIT_INTERRUPTED
     except click.ClickException as exc:
         if debug:
             raise
         click.echo(f"error: {exc.format_message()}", err=True)
-        return exc.exit_code
+        return EXIT_ERROR
     except (TorchkeepError, OSError, ValueError) as exc:
         if debug:
             raise
         click.echo(f"error: {exc}", err=True)
-        return 2
-    return 0
+        return EXIT_ERROR
+    return EXIT_OK

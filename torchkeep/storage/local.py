@@ -31,6 +31,7 @@ the lock) fails at its next ``open()`` or at ``commit()`` with
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import ctypes
 import errno
@@ -120,6 +121,20 @@ def _kernel_id() -> str:
     except OSError:
         boot = ""
     return boot or f"host:{socket.gethostname()}"
+
+
+def _disk_usage(path: str) -> int:
+    """Bytes of the files under ``path`` (links not followed)."""
+    if not os.path.isdir(path) or os.path.islink(path):
+        with contextlib.suppress(OSError):
+            return os.lstat(path).st_size
+        return 0
+    total = 0
+    for folder, _, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(folder, name)).st_size
+    return total
 
 
 def _fsync_dir(path: str) -> None:
@@ -825,6 +840,29 @@ class LocalStorage:
             raise
         except OSError as exc:
             raise storage_error("delete", path, exc) from exc
+
+    def leftovers(self, prefix: str = "") -> builtins.list[tuple[str, int]]:
+        """The hidden entries writers left in folder ``prefix`` (staging, moved aside, being deleted).
+
+        Returns each name with its size in bytes. A live writer's entries are
+        listed too: :meth:`clean` decides what may go.
+        """
+        directory = self._path(prefix)
+        try:
+            names = os.listdir(directory)
+        except OSError:
+            return []
+        found = []
+        for name in sorted(names):
+            if _is_internal(name) and _LOCK not in name:
+                found.append((name, _disk_usage(os.path.join(directory, name))))
+        return found
+
+    def clean(self, prefix: str = "") -> builtins.list[str]:
+        """Remove what abandoned writers left in folder ``prefix``, never a live writer's; the names removed."""
+        before = {name for name, _ in self.leftovers(prefix)}
+        self._clean_stale(self._path(prefix))
+        return sorted(before - {name for name, _ in self.leftovers(prefix)})
 
     def _clean_stale(self, directory: str) -> None:
         """Put back what abandoned writers had moved aside, then remove what else they left.
