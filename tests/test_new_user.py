@@ -303,3 +303,52 @@ def test_trust_is_accepted_wherever_a_message_asks_for_it(tmp_path: Path) -> Non
         assert torchkeep.verify(tmp_path / "m.pth", trust=True).tensors == 2
     with pytest.warns(UserWarning, match="trust=True"):
         assert len(torchkeep.inspect(tmp_path / "m.pth", trust=True).tensors) == 2
+
+
+# -- asynchronous saves at exit ----------------------------------------------------------------
+
+SLOW_EXIT = """
+import sys, time, torch, torchkeep
+import torchkeep.manager as manager
+real = manager.write_job
+def slow(job):
+    time.sleep(float(sys.argv[2]))
+    return real(job)
+manager.write_job = slow
+mgr = torchkeep.CheckpointManager(sys.argv[1], async_save=True)
+mgr.save(1, w=torch.ones(4))
+print("saved", flush=True)
+"""
+
+
+def test_exit_says_it_finishes_a_save_in_flight(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", SLOW_EXIT, str(tmp_path / "run"), "1"], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert "finishing the save of step 1" in out.stderr
+    assert torchkeep.verify(tmp_path / "run" / "step-00000001").tensors >= 1
+
+
+def test_a_second_ctrl_c_abandons_the_save_without_a_traceback(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    with subprocess.Popen(
+        [sys.executable, "-c", SLOW_EXIT, str(tmp_path / "run"), "60"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as proc:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()  # printed once the script's own code has ended and the exit waits
+        assert "finishing the save of step 1" in line
+        proc.send_signal(signal.SIGINT)
+        _, rest = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "abandoned the save of step 1" in rest and "Traceback" not in rest
+    assert not (tmp_path / "run" / "step-00000001").exists()  # nothing half-written was published

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -136,6 +137,37 @@ class _Held:
 
     def on_signal(self, signum: int, frame: FrameType | None) -> None:
         self.preempted = signum
+
+    def start_thread(self) -> ThreadPoolExecutor:
+        """Start the save thread, and say at interpreter exit what it still has to finish."""
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=_THREAD)
+        # Runs before the interpreter joins the save thread (hooks run newest first).
+        register = getattr(threading, "_register_atexit", None)
+        if register is not None:
+            register(self.finish_at_exit)
+        return self.executor
+
+    def finish_at_exit(self) -> None:
+        """At exit, a save still writing is finished, and the user told; a second Ctrl-C abandons it at once."""
+        handle = self.inflight
+        if handle is None or handle.done():
+            return
+        print(
+            f"torchkeep: finishing the save of step {handle.step} in {self.directory} before exiting "
+            "(Ctrl-C again abandons it; the checkpoints already saved stay intact).",
+            file=sys.stderr,
+            flush=True,
+        )
+        try:
+            handle._future.exception()  # wait; a failure is reported by the finalizer
+        except KeyboardInterrupt:
+            print(
+                f"torchkeep: abandoned the save of step {handle.step}; nothing of it was published, and the "
+                "next save in that directory removes what it left.",
+                file=sys.stderr,
+                flush=True,
+            )
+            os._exit(130)  # the save thread cannot be stopped from here; leave without a traceback
 
     def wait(self) -> CheckpointRecord | None:
         """Wait for the save in flight, if any; return its record or re-raise its failure."""
@@ -489,10 +521,9 @@ class CheckpointManager:
             self._exit_if_preempted()
             return record
         job = dataclasses.replace(job, planned=self._staging.snapshot(job.planned))  # the only part that blocks
-        if self._held.executor is None:
-            self._held.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=_THREAD)
+        executor = self._held.executor or self._held.start_thread()
         # The background work holds no reference to the manager, so dropping the manager never waits on it.
-        handle = SaveHandle(step, self._held.executor.submit(self._retention.commit, job, step))
+        handle = SaveHandle(step, executor.submit(self._retention.commit, job, step))
         self._held.inflight = handle
         if self._held.preempted is not None:
             self.wait()
