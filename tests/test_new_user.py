@@ -352,3 +352,21 @@ def test_a_second_ctrl_c_abandons_the_save_without_a_traceback(tmp_path: Path) -
     assert proc.returncode == 130
     assert "abandoned the save of step 1" in rest and "Traceback" not in rest
     assert not (tmp_path / "run" / "step-00000001").exists()  # nothing half-written was published
+
+
+# -- progress ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("suffix", "compression"), [("", None), ("", "zstd"), (".safetensors", None), (".pth", None)])
+def test_save_and_verify_report_progress_up_to_the_total(tmp_path: Path, suffix: str, compression: str | None) -> None:
+    state = {f"t{i}": torch.randn(1000) for i in range(20)}
+    seen: list[tuple[int, int]] = []
+    torchkeep.save(
+        state, tmp_path / f"ckpt{suffix}", compression=compression, progress=lambda d, t: seen.append((d, t))
+    )
+    total = 20 * 1000 * 4
+    assert seen[-1] == (total, total) and len(seen) > 2
+    assert all(a[0] <= b[0] for a, b in zip(seen[:-1], seen[1:], strict=True))  # never goes back
+    checked: list[tuple[int, int]] = []
+    torchkeep.verify(tmp_path / f"ckpt{suffix}", progress=lambda d, t: checked.append((d, t)))
+    assert checked and checked[-1][0] == checked[-1][1] > 0

@@ -161,18 +161,25 @@ def verify(paths: Sequence[str], trust: bool, as_json: bool) -> None:
     results: list[dict[str, Any]] = []
     out = _out()
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=True, disable=as_json) as progress:
+    with Progress(
+        *columns, console=Console(stderr=True), transient=True, disable=as_json or not sys.stderr.isatty()
+    ) as progress:
         task = progress.add_task("verifying", total=sum(sizes.values()) or None)
+        base = 0
         for target in targets:
-            progress.update(task, description=f"verifying {os.path.basename(target)}")
+            progress.update(task, description=f"verifying {os.path.basename(target)}", completed=base)
+
+            def advance(done: int, total: int, start: int = base) -> None:
+                progress.update(task, completed=start + done)
+
             try:
-                report = torchkeep.verify(target, trust=trust)
+                report = torchkeep.verify(target, trust=trust, progress=advance)
                 results.append({"path": target, "ok": True, "tensors": report.tensors, "nbytes": report.nbytes,
                                 "method": report.method, "checksums": report.method != "structure"})  # fmt: skip
             except TorchkeepError as err:
                 results.append({"path": target, "ok": False, "error": str(err), "error_type": type(err).__name__,
                                 "damaged": getattr(err, "damaged", [])})  # fmt: skip
-            progress.advance(task, sizes[target])
+            base += sizes[target]
     if as_json:
         _emit(results)
     else:
@@ -264,9 +271,20 @@ def convert(src: str, dst: str, dtype: str | None, as_json: bool) -> None:
     start = time.perf_counter()
     metadata = torchkeep.inspect(src).metadata
     keeps_metadata = Format.for_path(dst) != Format.TORCH_ZIP
-    with _out().status(f"converting {src}", spinner="dots") if not as_json else _nothing():
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
+    with Progress(
+        *columns, console=Console(stderr=True), transient=True, disable=as_json or not sys.stderr.isatty()
+    ) as progress:
+        task = progress.add_task(f"writing {os.path.basename(dst)}", total=None)
         tree = torchkeep.load(src, dtype=getattr(torch, _DTYPES[dtype]) if dtype else None)
-        torchkeep.save(tree, dst, metadata=metadata if keeps_metadata else None)
+        torchkeep.save(
+            tree,
+            dst,
+            metadata=metadata if keeps_metadata else None,
+            progress=lambda done, total: progress.update(task, completed=done, total=total),
+        )
     info = torchkeep.inspect(dst)
     dropped = sorted(metadata) if metadata and not keeps_metadata else []
     result = {"src": src, "dst": dst, "format": info.format, "tensors": len(info.tensors), "nbytes": info.nbytes,
@@ -277,16 +295,6 @@ def convert(src: str, dst: str, dtype: str | None, as_json: bool) -> None:
         _out().print(f"{src} -> {dst} ({info.format}): {len(info.tensors)} tensors, {human_size(info.nbytes)}")
         if dropped:
             _out().print(f"[yellow]metadata not kept[/yellow] (a .pth has no place for it): {', '.join(dropped)}")
-
-
-class _nothing:
-    """A context manager that does nothing (no spinner under --json)."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _policies(keep_last: int | None, keep_best: int | None, monitor: str | None, mode: str) -> dict[str, Any]:

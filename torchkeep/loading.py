@@ -12,6 +12,7 @@ from torchkeep.errors import CorruptCheckpointError, InvalidArgumentError
 from torchkeep.formats import read_consistently
 from torchkeep.formats.source import Source, TorchFileSource
 from torchkeep.info import CheckpointInfo, VerifyReport
+from torchkeep.progress import Progress
 from torchkeep.storage import Storage, resolve
 
 __all__ = ["MapLocation", "inspect", "load", "read_source", "verify"]
@@ -181,16 +182,23 @@ def inspect(path: str | os.PathLike[str], *, trust: bool = False, storage: Stora
     return read_consistently(st, key, lambda source: source.info(trust=trust))
 
 
-def verify(path: str | os.PathLike[str], *, trust: bool = False, storage: Storage | None = None) -> VerifyReport:
+def verify(
+    path: str | os.PathLike[str],
+    *,
+    trust: bool = False,
+    progress: Progress | None = None,
+    storage: Storage | None = None,
+) -> VerifyReport:
     """Re-read every byte of a checkpoint and check it against its checksums.
 
     Returns a report when everything is intact. Files without checksums
     (foreign safetensors, legacy torch files) are parsed completely instead,
-    and the report's ``method`` says ``"structure"``. ``trust`` is as for :func:`load`.
+    and the report's ``method`` says ``"structure"``. ``trust`` is as for :func:`load`;
+    ``progress(done_bytes, total_bytes)`` is called as the bytes are checked.
 
     Raises:
         ChecksumMismatchError: names every damaged tensor (or zip record).
         CorruptCheckpointError: the structure is damaged.
     """
     st, key = resolve(path, storage)
-    return read_consistently(st, key, lambda source: source.check(trust=trust))
+    return read_consistently(st, key, lambda source: source.check(trust=trust, progress=progress))

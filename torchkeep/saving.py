@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import errno
 import os
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from torchkeep.formats.pth import write_pth
 from torchkeep.formats.safetensors_file import write_safetensors
 from torchkeep.formats.shard import PlannedTensor, plan_tensors
 from torchkeep.manifest import MANIFEST_NAME, Manifest, check_metadata
+from torchkeep.progress import Progress, Tally, counting_storage
 from torchkeep.storage import Storage, join_key, resolve
 from torchkeep.tree import encode_tree
 
@@ -178,6 +180,7 @@ def save(
     metadata: dict[str, Any] | None = None,
     compression: str | Compression | None = None,
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+    progress: Progress | None = None,
     storage: Storage | None = None,
 ) -> None:
     """Save a state tree atomically; the format follows the path.
@@ -200,6 +203,8 @@ def save(
             (format version 2; needs the ``zstd`` extra). Loading decompresses
             transparently; such tensors are read into memory rather than mapped.
         max_shard_size: bytes of tensor data per shard file in a native checkpoint.
+        progress: called as ``progress(done_bytes, total_bytes)`` while the data is
+            written (see :mod:`torchkeep.progress`).
         storage: write into this storage, with ``path`` as the key.
 
     Raises:
@@ -210,8 +215,12 @@ def save(
     Example:
         >>> torchkeep.save({"model": model.state_dict(), "epoch": 3}, "ckpt/epoch-3")
     """
-    write_job(
-        prepare_save(
-            obj, path, metadata=metadata, compression=compression, max_shard_size=max_shard_size, storage=storage
-        )
+    job = prepare_save(
+        obj, path, metadata=metadata, compression=compression, max_shard_size=max_shard_size, storage=storage
     )
+    if progress is None:
+        write_job(job)
+        return
+    tally = Tally(sum(p.nbytes for p in job.planned), progress)
+    write_job(dataclasses.replace(job, storage=counting_storage(job.storage, tally)))
+    tally.finish()

@@ -39,6 +39,7 @@ from torchkeep.formats.streaming import CopyJob, copy_into
 from torchkeep.info import CheckpointInfo, TensorInfo, VerifyReport
 from torchkeep.integrity import checksum
 from torchkeep.manifest import Manifest, TensorEntry
+from torchkeep.progress import Progress, Tally
 from torchkeep.storage import Storage
 from torchkeep.tree import decode_tree, select_node, tensor_names
 
@@ -193,7 +194,13 @@ class ManifestSource:
     # -- mapping ------------------------------------------------------------------------------
 
     def read_arrays(
-        self, *, verify: bool, build: bool = True, names: Iterable[str] | None = None, copy: bool = False
+        self,
+        *,
+        verify: bool,
+        build: bool = True,
+        names: Iterable[str] | None = None,
+        copy: bool = False,
+        progress: Progress | None = None,
     ) -> tuple[dict[str, torch.Tensor | np.ndarray], int]:
         """Map the shards and view each tensor in place, checking checksums when ``verify``.
 
@@ -228,13 +235,16 @@ class ManifestSource:
             if s.shard_key not in buffers:
                 buffers[s.shard_key] = self.storage.map(s.shard_key)
             mapped.append((s, buffers[s.shard_key]))
+        tally = Tally(sum(s.entry.nbytes for s in stored), progress) if progress is not None else None
         checked = [(s, buf) for s, buf in mapped if verify and s.entry.checksum]
-        digests = checksums([buf[s.start : s.start + s.entry.nbytes] for s, buf in checked])
+        digests = checksums([buf[s.start : s.start + s.entry.nbytes] for s, buf in checked], tally)
         damaged = [s.entry.name for (s, _), digest in zip(checked, digests, strict=True) if digest != s.entry.checksum]
         checked_bytes = sum(s.entry.nbytes for s, _ in checked)
         arrays: dict[str, torch.Tensor | np.ndarray] = {}
         for s in (s for s in stored if s.compressed):  # read, decompress and check one tensor at a time
             data = read_compressed(self.storage, s.shard_key, s.entry, path=self.path)
+            if tally is not None:
+                tally.add(s.entry.nbytes)
             if verify and s.entry.checksum:
                 if checksum(data) != s.entry.checksum:
                     damaged.append(s.entry.name)
@@ -242,6 +252,8 @@ class ManifestSource:
                 checked_bytes += s.entry.nbytes
             if build:
                 arrays[s.entry.name] = materialize(data, 0, s.entry, path=self.path)
+        if tally is not None:
+            tally.finish()
         if damaged:
             raise _damaged_error(self.path, damaged)
         if build:
@@ -264,7 +276,7 @@ class ManifestSource:
             arrays = {name: place(name, value, devices[name]) for name, value in arrays.items()}
         return decode_tree(node, arrays, path=self.path)
 
-    def check(self, *, trust: bool = False) -> VerifyReport:
+    def check(self, *, trust: bool = False, progress: Progress | None = None) -> VerifyReport:
         """Re-read every byte and compare it with its checksum (``torchkeep.verify``).
 
         Everything ``load`` checks is checked too: the tree's structure and
@@ -273,7 +285,7 @@ class ManifestSource:
         entries = self.manifest.tensors
         # The structure as load decodes it (types of the user's own are checked, not built).
         decode_tree(self.manifest.tree, {e.name: e for e in entries}, path=self.path, placeholders=True)
-        _, nbytes = self.read_arrays(verify=True, build=False)
+        _, nbytes = self.read_arrays(verify=True, build=False, progress=progress)
         if all(e.checksum for e in entries):
             return VerifyReport(self.path, self.format, len(entries), nbytes, "xxh3-64")
         # No checksums to compare (a foreign file): the headers and every offset were checked.
@@ -322,12 +334,16 @@ class TorchFileSource:
             path=self.path, format=self.format, format_version=None, tree=tree, tensors=tuple(tensors)
         )
 
-    def check(self, *, trust: bool = False) -> VerifyReport:
+    def check(self, *, trust: bool = False, progress: Progress | None = None) -> VerifyReport:
         nbytes = crc_check(self.storage, self.key) if self.format == Format.TORCH_ZIP else 0  # the records first
         tensors = _torch_info(self._loaded(trust))[1]
         if self.format == Format.TORCH_ZIP:
-            return VerifyReport(self.path, self.format, len(tensors), nbytes, "crc32")
-        return VerifyReport(self.path, self.format, len(tensors), sum(t.nbytes for t in tensors), "structure")
+            report = VerifyReport(self.path, self.format, len(tensors), nbytes, "crc32")
+        else:
+            report = VerifyReport(self.path, self.format, len(tensors), sum(t.nbytes for t in tensors), "structure")
+        if progress is not None:
+            progress(report.nbytes, report.nbytes)
+        return report
 
     def stream_into(self, jobs: list[CopyJob], *, verify: bool) -> set[str]:
         return copy_into(self.storage, jobs, verify=verify)
@@ -365,11 +381,18 @@ def _torch_info(obj: Any) -> tuple[Any, list[TensorInfo]]:
 _PARALLEL_BYTES = 64 * 1024 * 1024
 
 
-def checksums(views: list[memoryview]) -> list[str]:
+def checksums(views: list[memoryview], tally: Tally | None = None) -> list[str]:
     """Checksums of many buffers, on several threads when there is enough to gain (xxhash drops the GIL)."""
+
+    def one(view: memoryview) -> str:
+        digest = checksum(view)
+        if tally is not None:
+            tally.add(view.nbytes)
+        return digest
+
     total = sum(v.nbytes for v in views)
     workers = min(4, os.cpu_count() or 1)
     if total < _PARALLEL_BYTES or workers == 1:
-        return [checksum(v) for v in views]
+        return [one(v) for v in views]
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="torchkeep-verify") as pool:
-        return list(pool.map(checksum, views))
+        return list(pool.map(one, views))
