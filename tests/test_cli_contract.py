@@ -150,3 +150,21 @@ def test_ls_shows_and_prune_removes_what_a_killed_save_left(capsys: Any, tmp_pat
         ]
     finally:
         live.abort()
+
+
+class Payload:
+    def __reduce__(self) -> Any:
+        return (print, ("ran",))
+
+
+@pytest.mark.parametrize("command", ["inspect", "verify", "convert", "diff"])
+def test_trust_is_accepted_where_the_message_asks_for_it(capsys: Any, tmp_path: Path, command: str) -> None:
+    torch.save({"w": torch.ones(2), "extra": Payload()}, tmp_path / "m.pth")
+    args = {"inspect": [str(tmp_path / "m.pth")], "verify": [str(tmp_path / "m.pth")],
+            "convert": [str(tmp_path / "m.pth"), str(tmp_path / "out.pth")],
+            "diff": [str(tmp_path / "m.pth"), str(tmp_path / "m.pth")]}[command]  # fmt: skip
+    code, out, err = run(capsys, command, *args)
+    assert code == (EXIT_CHANGED if command == "verify" else EXIT_ERROR) and "trust=True" in out + err
+    with pytest.warns(UserWarning, match="trust=True"):
+        code, out, err = run(capsys, command, *args, "--trust")
+    assert code == EXIT_OK, err

@@ -109,10 +109,11 @@ def _checkpoints_in(path: str) -> list[str]:
 
 @cli.command()
 @click.argument("path")
+@click.option("--trust", is_flag=True, help="Unpickle .pth files fully (only files you wrote: runs their code).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def inspect(path: str, as_json: bool) -> None:
+def inspect(path: str, trust: bool, as_json: bool) -> None:
     """Format, tree, tensors, totals, metadata and provenance, without reading tensor data."""
-    info = torchkeep.inspect(path)
+    info = torchkeep.inspect(path, trust=trust)
     if as_json:
         _emit({
             "path": info.path, "format": info.format, "format_version": info.format_version,
@@ -206,16 +207,18 @@ def verify(paths: Sequence[str], trust: bool, as_json: bool) -> None:
 @cli.command()
 @click.argument("a")
 @click.argument("b")
+@click.option("--trust", is_flag=True, help="Unpickle .pth files fully (only files you wrote: runs their code).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def diff(a: str, b: str, as_json: bool) -> None:
+def diff(a: str, b: str, trust: bool, as_json: bool) -> None:
     """Added and removed keys, shape and dtype changes, max absolute and relative differences, metadata.
 
     Exit status 0 when the tensors and metadata are identical, 1 when they differ (like ``diff``).
     """
     from torchkeep.compare import compare_tensors, flatten_tensors
 
-    added, removed, changes = compare_tensors(flatten_tensors(torchkeep.load(a)), flatten_tensors(torchkeep.load(b)))
-    meta_a, meta_b = torchkeep.inspect(a).metadata, torchkeep.inspect(b).metadata
+    tree_a, tree_b = torchkeep.load(a, trust=trust), torchkeep.load(b, trust=trust)
+    added, removed, changes = compare_tensors(flatten_tensors(tree_a), flatten_tensors(tree_b))
+    meta_a, meta_b = torchkeep.inspect(a, trust=trust).metadata, torchkeep.inspect(b, trust=trust).metadata
     metadata = {
         k: [meta_a.get(k), meta_b.get(k)] for k in sorted(set(meta_a) | set(meta_b)) if meta_a.get(k) != meta_b.get(k)
     }
@@ -258,8 +261,9 @@ _DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16"
 @click.argument("src")
 @click.argument("dst")
 @click.option("--dtype", type=click.Choice(sorted(_DTYPES)), default=None, help="Cast floating-point tensors.")
+@click.option("--trust", is_flag=True, help="Unpickle .pth files fully (only files you wrote: runs their code).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def convert(src: str, dst: str, dtype: str | None, as_json: bool) -> None:
+def convert(src: str, dst: str, dtype: str | None, trust: bool, as_json: bool) -> None:
     """Convert between native, .safetensors and .pth (sharded safetensors are read); the format follows DST.
 
     The metadata travels with the tensors, except into a .pth, which has no place for it (said in the output).
@@ -269,7 +273,7 @@ def convert(src: str, dst: str, dtype: str | None, as_json: bool) -> None:
     from torchkeep.formats.detect import Format
 
     start = time.perf_counter()
-    metadata = torchkeep.inspect(src).metadata
+    metadata = torchkeep.inspect(src, trust=trust).metadata
     keeps_metadata = Format.for_path(dst) != Format.TORCH_ZIP
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -278,7 +282,7 @@ def convert(src: str, dst: str, dtype: str | None, as_json: bool) -> None:
         *columns, console=Console(stderr=True), transient=True, disable=as_json or not sys.stderr.isatty()
     ) as progress:
         task = progress.add_task(f"writing {os.path.basename(dst)}", total=None)
-        tree = torchkeep.load(src, dtype=getattr(torch, _DTYPES[dtype]) if dtype else None)
+        tree = torchkeep.load(src, dtype=getattr(torch, _DTYPES[dtype]) if dtype else None, trust=trust)
         torchkeep.save(
             tree,
             dst,
