@@ -259,24 +259,30 @@ def read_header(storage: Storage, key: str) -> ShardHeader:
     return ShardHeader(tensors=header, metadata=metadata, data_start=data_start, size=size)
 
 
-def materialize(buf: memoryview, start: int, entry: TensorEntry, *, path: str) -> torch.Tensor | np.ndarray:
-    """A tensor or array viewing ``entry``'s bytes in ``buf`` in place (no copy)."""
+def entry_dtype(entry: TensorEntry, *, path: str) -> torch.dtype | np.dtype[Any]:
+    """The dtype of a manifest entry, refusing one this torch lacks or a byte count that is not its shape's."""
     from torchkeep.dtypes import numpy_dtype_from_name, torch_dtype_from_name
 
+    dtype: torch.dtype | np.dtype[Any]
     if entry.kind == "torch":
         dtype = torch_dtype_from_name(entry.dtype, path=path, key=entry.name)
-        itemsize = dtype.itemsize
     else:
-        np_dtype = numpy_dtype_from_name(entry.dtype, path=path, key=entry.name)
-        itemsize = np_dtype.itemsize
-    if math.prod(entry.shape) * itemsize != entry.nbytes:
+        dtype = numpy_dtype_from_name(entry.dtype, path=path, key=entry.name)
+    if math.prod(entry.shape) * dtype.itemsize != entry.nbytes:
         raise CorruptCheckpointError(
             f"Tensor {entry.name!r} in {path!r} claims shape {list(entry.shape)} of {entry.dtype} "
             f"but {entry.nbytes} bytes; the manifest is damaged.",
             path=path,
             key=entry.name,
         )
-    if entry.kind == "torch":
+    return dtype
+
+
+def materialize(buf: memoryview, start: int, entry: TensorEntry, *, path: str) -> torch.Tensor | np.ndarray:
+    """A tensor or array viewing ``entry``'s bytes in ``buf`` in place (no copy)."""
+    dtype = entry_dtype(entry, path=path)
+    itemsize = dtype.itemsize
+    if isinstance(dtype, torch.dtype):
         if entry.nbytes == 0:
             return torch.empty(entry.shape, dtype=dtype)
         flat = torch.frombuffer(buf, dtype=torch.uint8, count=entry.nbytes, offset=start)
@@ -284,4 +290,4 @@ def materialize(buf: memoryview, start: int, entry: TensorEntry, *, path: str) -
             flat = flat.clone()  # misaligned (a foreign file): one copy so the dtype view is legal
         return flat.view(dtype).reshape(entry.shape)
     arr = np.frombuffer(buf, dtype=np.uint8, count=entry.nbytes, offset=start)
-    return arr.view(np_dtype).reshape(entry.shape)
+    return arr.view(dtype).reshape(entry.shape)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import os
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -28,13 +27,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from torchkeep.dtypes import numpy_dtype_from_name, torch_dtype_from_name
+from torchkeep.dtypes import torch_dtype_from_name
 from torchkeep.errors import ChecksumMismatchError, CorruptCheckpointError
 from torchkeep.formats.compressed import read_compressed
 from torchkeep.formats.detect import Format
 from torchkeep.formats.objects import OBJECT_TENSOR
 from torchkeep.formats.pth import crc_check, load_pth
-from torchkeep.formats.shard import materialize, read_header
+from torchkeep.formats.shard import entry_dtype, materialize, read_header
 from torchkeep.formats.streaming import CopyJob, copy_into
 from torchkeep.info import CheckpointInfo, TensorInfo, VerifyReport
 from torchkeep.integrity import checksum
@@ -61,21 +60,6 @@ class StoredTensor:
     @property
     def dtype(self) -> torch.dtype:
         return torch_dtype_from_name(self.entry.dtype, key=self.entry.name)
-
-
-def _check_size(entry: TensorEntry, path: str) -> None:
-    """Refuse an entry whose dtype this torch lacks, or whose byte count is not its shape's."""
-    if entry.kind == "torch":
-        itemsize = torch_dtype_from_name(entry.dtype, path=path, key=entry.name).itemsize
-    else:
-        itemsize = numpy_dtype_from_name(entry.dtype, path=path, key=entry.name).itemsize
-    if math.prod(entry.shape) * itemsize != entry.nbytes:
-        raise CorruptCheckpointError(
-            f"Tensor {entry.name!r} in {path!r} claims shape {list(entry.shape)} of {entry.dtype} "
-            f"but {entry.nbytes} bytes; the manifest is damaged.",
-            path=path,
-            key=entry.name,
-        )
 
 
 def _damaged_error(path: str, damaged: list[str]) -> ChecksumMismatchError:
@@ -159,7 +143,7 @@ class ManifestSource:
                     path=self.path,
                     key=entry.name,
                 )
-            _check_size(entry, self.path)
+            entry_dtype(entry, path=self.path)  # a dtype this torch has, a size that is its shape's
             if entry.shard in self.compressed:
                 if entry.offsets[1] > self.storage.size(key):
                     raise CorruptCheckpointError(
