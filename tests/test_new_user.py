@@ -370,3 +370,24 @@ def test_save_and_verify_report_progress_up_to_the_total(tmp_path: Path, suffix:
     checked: list[tuple[int, int]] = []
     torchkeep.verify(tmp_path / f"ckpt{suffix}", progress=lambda d, t: checked.append((d, t)))
     assert checked and checked[-1][0] == checked[-1][1] > 0
+
+
+def test_a_flipped_byte_in_a_pth_is_caught_on_load(tmp_path: Path) -> None:
+    import zipfile
+
+    state = {"weight": torch.arange(64.0).reshape(8, 8), "bias": torch.zeros(8)}
+    torchkeep.save(state, tmp_path / "m.pth")
+    with zipfile.ZipFile(tmp_path / "m.pth") as archive:
+        record = next(i for i in archive.infolist() if "/data/" in i.filename and i.file_size == 256)
+    data = bytearray((tmp_path / "m.pth").read_bytes())
+    local = record.header_offset  # the local header's own name and extra lengths (torch pads the extra)
+    offset = local + 30 + int.from_bytes(data[local + 26 : local + 28], "little")
+    offset += int.from_bytes(data[local + 28 : local + 30], "little")
+    data[offset + 17] ^= 0x01  # one bit of the weight's bytes
+    (tmp_path / "m.pth").write_bytes(bytes(data))
+    with pytest.raises(torchkeep.ChecksumMismatchError, match="CRC"):
+        torchkeep.load(tmp_path / "m.pth")
+    with pytest.raises(torchkeep.ChecksumMismatchError, match="CRC"):
+        torchkeep.load_into(nn.Linear(8, 8), tmp_path / "m.pth")
+    loaded = torchkeep.load(tmp_path / "m.pth", verify=False)  # asked not to check: the damage is visible
+    assert not torch.equal(loaded["weight"], state["weight"])

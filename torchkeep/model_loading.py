@@ -267,7 +267,7 @@ def _load_module(
                 "copied into; pass assign=True to make the loaded tensors its parameters.",
                 key=meta[0],
             )
-        tree = source if opened is None else opened.placeholder_tree(trust=trust)
+        tree = source if opened is None else opened.placeholder_tree(trust=trust, verify=verify)
         items = _stream_items(opened, tree, key, where)
     mapping = _match_keys(list(items), set(target), rename, report)
     matched: list[tuple[str, str]] = []

@@ -90,7 +90,7 @@ class ManifestSource:
 
     # -- describing ---------------------------------------------------------------------------
 
-    def placeholder_tree(self, node: Any = None, *, trust: bool = False) -> Any:
+    def placeholder_tree(self, node: Any = None, *, trust: bool = False, verify: bool = True) -> Any:
         """The tree (or the subtree ``node`` of its JSON) with each tensor's :class:`TensorEntry` in its place.
 
         Registered types and dataclasses are rebuilt (a module's extra state is
@@ -292,21 +292,34 @@ class TorchFileSource:
     key: str
     _cache: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
 
-    def read(self, *, map_location: Any = "cpu", trust: bool = False) -> Any:
-        """Unpickle the file (scanned first; zip files are memory-mapped where the storage allows)."""
+    def read(self, *, map_location: Any = "cpu", trust: bool = False, verify: bool = False) -> Any:
+        """Unpickle the file (scanned first; zip files are memory-mapped where the storage allows).
+
+        With ``verify`` every record of a zip is checked against its CRC-32 first
+        (torch itself checks none of them); a legacy file carries no checksums.
+        """
+        if verify:
+            self._check_records()
         return load_pth(
             self.storage, self.key, zip_format=self.format == Format.TORCH_ZIP, map_location=map_location, trust=trust
         )
 
-    def _loaded(self, trust: bool = False) -> Any:
+    def _check_records(self) -> int:
+        if "crc" not in self._cache:
+            self._cache["crc"] = crc_check(self.storage, self.key) if self.format == Format.TORCH_ZIP else 0
+        return int(self._cache["crc"])
+
+    def _loaded(self, trust: bool = False, verify: bool = False) -> Any:
+        if verify:
+            self._check_records()
         key = "trusted" if trust else "restricted"
         if key not in self._cache:
             self._cache[key] = self.read(trust=trust)
         return self._cache[key]
 
-    def placeholder_tree(self, node: Any = None, *, trust: bool = False) -> Any:
-        """The unpickled tree; its tensors are real (on the CPU), not placeholders."""
-        return self._loaded(trust)
+    def placeholder_tree(self, node: Any = None, *, trust: bool = False, verify: bool = True) -> Any:
+        """The unpickled tree, its records checked when ``verify``; its tensors are real, not placeholders."""
+        return self._loaded(trust, verify)
 
     def top_level_names(self) -> list[Any] | None:
         tree = self._loaded()
@@ -319,7 +332,7 @@ class TorchFileSource:
         )
 
     def check(self, *, trust: bool = False, progress: Progress | None = None) -> VerifyReport:
-        nbytes = crc_check(self.storage, self.key) if self.format == Format.TORCH_ZIP else 0  # the records first
+        nbytes = self._check_records()  # the records first
         tensors = _torch_info(self._loaded(trust))[1]
         if self.format == Format.TORCH_ZIP:
             report = VerifyReport(self.path, self.format, len(tensors), nbytes, "crc32")
