@@ -434,3 +434,18 @@ def test_a_manifest_at_the_size_cap_parses_in_bounded_memory(tmp_path: Path, kin
     result = json.loads(out.stdout)
     assert result["outcome"] == expected
     assert result["peak"] < 1.5 * 2**30, f"{kind}: parsing took {result['peak'] / 2**30:.2f} GiB"
+
+
+def test_a_pth_loaded_without_mmap_is_not_backed_by_the_file(tmp_path: Path) -> None:
+    state = {"w": torch.arange(100_000.0)}
+    torchkeep.save(state, tmp_path / "m.pth")
+    copied = torchkeep.load(tmp_path / "m.pth", mmap=False)
+    mapped = torchkeep.load(tmp_path / "m.pth")
+    maps = Path("/proc/self/maps").read_text()
+    assert str(tmp_path / "m.pth") in maps  # the mapped load's view
+    del mapped
+    import gc
+
+    gc.collect()
+    assert str(tmp_path / "m.pth") not in Path("/proc/self/maps").read_text()  # the copy holds no map
+    assert torch.equal(copied["w"], state["w"])

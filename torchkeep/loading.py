@@ -158,7 +158,7 @@ def read_source(
     if isinstance(source, TorchFileSource):
         _check_devices(map_location, source.path)
         ml: Any = "cpu" if map_location is None else map_location
-        obj = source.read(map_location=ml, trust=trust, verify=verify)
+        obj = source.read(map_location=ml, trust=trust, verify=verify, mmap=mmap)
         if key is not None:
             if not isinstance(obj, dict) or key not in obj:
                 raise CorruptCheckpointError(f"{source.path!r} holds no {key!r}.", path=source.path, key=str(key))

@@ -160,7 +160,9 @@ def _same_file_path(fd: int, local: str) -> str:
     return local
 
 
-def load_pth(storage: Storage, key: str, *, zip_format: bool, map_location: Any, trust: bool = False) -> Any:
+def load_pth(
+    storage: Storage, key: str, *, zip_format: bool, map_location: Any, trust: bool = False, mmap: bool = True
+) -> Any:
     """Load a torch file with ``weights_only=True``; never falls back to full unpickling.
 
     Before torch sees the file, its pickles are scanned statically (the same
@@ -184,7 +186,7 @@ def load_pth(storage: Storage, key: str, *, zip_format: bool, map_location: Any,
     try:
         _refuse(scan_descriptor(fd, path), path, trust=trust)
         source = _same_file_path(fd, local)
-        return _torch_load(source, path, map_location=map_location, trust=trust, mmap=zip_format)
+        return _torch_load(source, path, map_location=map_location, trust=trust, mmap=zip_format and mmap)
     finally:
         os.close(fd)
 

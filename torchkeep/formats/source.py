@@ -292,7 +292,7 @@ class TorchFileSource:
     key: str
     _cache: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
 
-    def read(self, *, map_location: Any = "cpu", trust: bool = False, verify: bool = False) -> Any:
+    def read(self, *, map_location: Any = "cpu", trust: bool = False, verify: bool = False, mmap: bool = True) -> Any:
         """Unpickle the file (scanned first; zip files are memory-mapped where the storage allows).
 
         With ``verify`` every record of a zip is checked against its CRC-32 first
@@ -300,8 +300,9 @@ class TorchFileSource:
         """
         if verify:
             self._check_records()
+        zip_format = self.format == Format.TORCH_ZIP
         return load_pth(
-            self.storage, self.key, zip_format=self.format == Format.TORCH_ZIP, map_location=map_location, trust=trust
+            self.storage, self.key, zip_format=zip_format, map_location=map_location, trust=trust, mmap=mmap
         )
 
     def _check_records(self) -> int:
