@@ -391,3 +391,14 @@ def test_a_flipped_byte_in_a_pth_is_caught_on_load(tmp_path: Path) -> None:
         torchkeep.load_into(nn.Linear(8, 8), tmp_path / "m.pth")
     loaded = torchkeep.load(tmp_path / "m.pth", verify=False)  # asked not to check: the damage is visible
     assert not torch.equal(loaded["weight"], state["weight"])
+
+
+def test_the_first_asynchronous_save_says_it_allocates(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with (
+        caplog.at_level(logging.INFO, logger="torchkeep"),
+        torchkeep.CheckpointManager(tmp_path, async_save=True) as mgr,
+    ):
+        mgr.save(1, w=torch.ones(1024))
+        mgr.save(2, w=torch.ones(1024))
+    allocations = [r for r in caplog.records if "Allocating" in r.getMessage()]
+    assert len(allocations) == 1 and "later saves reuse it" in allocations[0].getMessage()

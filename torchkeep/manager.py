@@ -520,6 +520,13 @@ class CheckpointManager:
             record = self._retention.commit(job, step)
             self._exit_if_preempted()
             return record
+        if self._staging.nbytes < size:
+            _log.info(
+                "Allocating %.1f MiB of staging memory for asynchronous saves to %s (pinned for GPU tensors); "
+                "this save blocks for the allocation, later saves reuse it.",
+                size / 2**20,
+                self.directory,
+            )
         job = dataclasses.replace(job, planned=self._staging.snapshot(job.planned))  # the only part that blocks
         executor = self._held.executor or self._held.start_thread()
         # The background work holds no reference to the manager, so dropping the manager never waits on it.
