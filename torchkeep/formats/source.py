@@ -305,9 +305,17 @@ class TorchFileSource:
             self.storage, self.key, zip_format=zip_format, map_location=map_location, trust=trust, mmap=mmap
         )
 
-    def _check_records(self) -> int:
+    def _check_records(self, *, only_zips: bool = True) -> int:
+        """CRC-check every zip record once.
+
+        When loading (``only_zips``), a file that is no zip at all is left to the
+        scan and the reader, whose errors say more; ``verify`` checks it as a zip.
+        """
         if "crc" not in self._cache:
-            self._cache["crc"] = crc_check(self.storage, self.key) if self.format == Format.TORCH_ZIP else 0
+            is_zip = self.format == Format.TORCH_ZIP and (
+                not only_zips or self.storage.read(self.key, 0, 4) == b"PK\x03\x04"
+            )
+            self._cache["crc"] = crc_check(self.storage, self.key) if is_zip else 0
         return int(self._cache["crc"])
 
     def _loaded(self, trust: bool = False, verify: bool = False) -> Any:
@@ -333,7 +341,7 @@ class TorchFileSource:
         )
 
     def check(self, *, trust: bool = False, progress: Progress | None = None) -> VerifyReport:
-        nbytes = self._check_records()  # the records first
+        nbytes = self._check_records(only_zips=False)  # the records first
         tensors = _torch_info(self._loaded(trust))[1]
         if self.format == Format.TORCH_ZIP:
             report = VerifyReport(self.path, self.format, len(tensors), nbytes, "crc32")
