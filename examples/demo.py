@@ -36,7 +36,8 @@ sys.path.insert(0, str(ROOT))
 
 import torchkeep  # noqa: E402
 
-RUN = ROOT / "demo-run"
+# Everything goes under ./demo-run of the repository, or the folder given with --dir.
+RUN = Path(sys.argv[sys.argv.index("--dir") + 1]).resolve() if "--dir" in sys.argv else ROOT / "demo-run"
 CKPT = RUN / "ckpt"
 STEPS = 300
 KILL_AT = 160
@@ -120,7 +121,7 @@ def show(manager: torchkeep.CheckpointManager) -> None:
 
 
 def main() -> None:
-    if sys.argv[1:] == ["--child"]:
+    if "--child" in sys.argv:
         with open_manager() as manager:
             train(STEPS, manager=manager, kill_at=KILL_AT)
         return
@@ -133,7 +134,7 @@ def main() -> None:
     print(f"   final weights {reference}")
 
     print(f"\n2. The same run in a child process with a CheckpointManager, killed at step {KILL_AT}")
-    child = subprocess.run([sys.executable, __file__, "--child"])
+    child = subprocess.run([sys.executable, __file__, "--child", "--dir", str(RUN)])
     assert child.returncode == -signal.SIGKILL, f"the child should have been killed, got {child.returncode}"
     print(f"   the child died (exit {child.returncode}); on disk:")
     with open_manager() as manager:

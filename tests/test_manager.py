@@ -457,3 +457,25 @@ def test_restore_streams_with_extra_memory_near_a_few_tensors(tmp_path: Path, co
     assert result["step"] == 1 and result["same"]
     extra = result["extra_peak"]
     assert extra < 4 * largest, f"restore added {extra / 2**20:.1f} MiB at peak for a 512 MiB model of 16 MiB tensors"
+
+
+def test_restore_skips_a_checkpoint_damaged_in_a_part_it_does_not_restore(tmp_path: Path) -> None:
+    model, optimizer = model_and_opt()
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    with torchkeep.CheckpointManager(tmp_path) as mgr:
+        mgr.save(1, model=model, optimizer=optimizer)
+        mgr.save(2, model=model, optimizer=optimizer)
+    manifest = json.loads((tmp_path / "step-00000002" / "manifest.json").read_text())
+    entry = next(t for t in manifest["tensors"] if t["name"].startswith("optimizer.state"))
+    shard = tmp_path / "step-00000002" / entry["shard"]
+    data = bytearray(shard.read_bytes())
+    header = int.from_bytes(data[:8], "little") + 8
+    data[header + entry["offsets"][0]] ^= 0x01  # the first byte of an optimizer moment
+    shard.write_bytes(bytes(data))
+    fresh, _ = model_and_opt(seed=1)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.warns(RuntimeWarning, match="Skipping checkpoint step 2"):
+        record = torchkeep.CheckpointManager(tmp_path).restore(model=fresh)  # the optimizer is not asked for
+    assert record is not None and record.step == 1
+    assert any(not torch.equal(fresh.state_dict()[k], v) for k, v in before.items())  # step 1 was loaded

@@ -40,7 +40,7 @@ from torchkeep.errors import (
 )
 from torchkeep.formats import read_consistently
 from torchkeep.formats.native import open_native
-from torchkeep.formats.source import Source
+from torchkeep.formats.source import ManifestSource, Source
 from torchkeep.loading import read_source
 from torchkeep.locking import FolderLock
 from torchkeep.model_loading import load_into
@@ -65,6 +65,7 @@ from torchkeep.saving import SaveJob, prepare_save, write_job
 from torchkeep.snapshot import StagingBuffer
 from torchkeep.stateful import is_stateful
 from torchkeep.storage import Storage, resolve
+from torchkeep.tree import select_node, tensor_names
 
 __all__ = ["CheckpointManager", "SaveHandle"]
 
@@ -586,8 +587,9 @@ class CheckpointManager:
         """Restore the named states (and the RNG streams) from a checkpoint.
 
         With no ``step``, the newest checkpoint that reads back whole: a damaged
-        or incomplete newer one is skipped with a warning naming it and why, and
-        the next one is restored over whatever the damaged one had loaded.
+        or incomplete newer one is skipped with a warning naming it and why (the
+        parts not restored are verified first; damage in what is restored is
+        found as it streams, and the next checkpoint is then restored over it).
         ``step="best"`` picks the best by ``monitor``.
 
         Modules stream from the checkpoint straight into their own parameters
@@ -679,6 +681,15 @@ class CheckpointManager:
                 report=LoadReport(missing=missing),
                 path=record.path,
             )
+        # The parts nobody asked for are verified first, so a damaged checkpoint is skipped
+        # before anything is touched (what is restored is verified as it is read).
+        if isinstance(source, ManifestSource):
+            wanted = {*state, RNG_KEY} if self.rng else set(state)
+            tree = source.manifest.tree
+            restored = set().union(*(tensor_names(select_node(tree, n, path=source.path)) for n in wanted & set(saved)))
+            others = [e.name for e in source.manifest.tensors if e.name not in restored]
+            if others:
+                source.read_arrays(verify=True, build=False, names=others)
         # Every object is checked against the checkpoint before any of them is touched.
         values: dict[str, Any] = {}
         for name, obj in state.items():
