@@ -61,6 +61,11 @@ def torch_dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def is_savable_dtype(dtype: torch.dtype) -> bool:
+    """Whether tensors of ``dtype`` can be saved (quantized ones cannot)."""
+    return dtype not in _QUANTIZED
+
+
 def check_savable_dtype(dtype: torch.dtype, where: str) -> None:
     """Refuse quantized dtypes, whose values need scale and zero-point to mean anything."""
     if dtype in _QUANTIZED:

@@ -29,7 +29,7 @@ import json
 import math
 import os
 import platform
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -81,11 +81,15 @@ class TensorEntry:
     shuffle: int = 0  # in a compressed shard: the element size its bytes were shuffled by (0: not shuffled)
 
     def to_json(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["shape"] = list(self.shape)
-        out["offsets"] = list(self.offsets)
-        if not self.shuffle:
-            del out["shuffle"]
+        # Written out by hand, in field order: dataclasses.asdict deep-copies every value, and a
+        # checkpoint may hold hundreds of thousands of entries.
+        out: dict[str, Any] = {
+            "name": self.name, "kind": self.kind, "dtype": self.dtype, "shape": list(self.shape),
+            "nbytes": self.nbytes, "shard": self.shard, "offsets": list(self.offsets), "checksum": self.checksum,
+            "device": self.device,
+        }  # fmt: skip
+        if self.shuffle:
+            out["shuffle"] = self.shuffle
         return out
 
 

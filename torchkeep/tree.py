@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from torchkeep import extensions
-from torchkeep.dtypes import check_savable_dtype, torch_dtype_from_name, torch_dtype_name
+from torchkeep.dtypes import check_savable_dtype, is_savable_dtype, torch_dtype_from_name, torch_dtype_name
 from torchkeep.errors import CorruptCheckpointError, UnsupportedFormatError, UnsupportedObjectError
 
 __all__ = ["ArrayLeaf", "decode_tree", "encode_tree", "location", "select_node", "tensor_names"]
@@ -184,7 +184,6 @@ class _Encoder:
             self._active.discard(id(obj))
 
     def tensor(self, obj: torch.Tensor, parts: list[object]) -> dict[str, Any]:
-        where = location(parts)
         if obj.is_nested:
             raise _unsupported(
                 parts,
@@ -205,7 +204,8 @@ class _Encoder:
             raise _unsupported(
                 parts, "it is on the meta device and has no data", "Materialize it (to_empty() and initialize) first."
             )
-        check_savable_dtype(obj.dtype, where)
+        if not is_savable_dtype(obj.dtype):
+            check_savable_dtype(obj.dtype, location(parts))  # raises, naming the place
         nbytes = obj.numel() * obj.element_size()
         if nbytes > MAX_EXPANSION_BYTES and nbytes > 16 * _covered_bytes(obj):
             raise _unsupported(
