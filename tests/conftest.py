@@ -71,3 +71,13 @@ def train_state(seed: int = 0) -> dict[str, Any]:
 @pytest.fixture
 def state() -> dict[str, Any]:
     return train_state()
+
+
+def causes(error: BaseException) -> list[BaseException]:
+    """``error`` and every exception it was raised from or while handling."""
+    chain: list[BaseException] = []
+    current: BaseException | None = error
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain

@@ -27,7 +27,7 @@ import pytest
 import torch
 
 import torchkeep
-from tests.conftest import assert_same
+from tests.conftest import assert_same, causes
 from torchkeep.manifest import MANIFEST_CHECKSUM, _canonical_checksum
 from torchkeep.scan import scan_file
 from torchkeep.storage import LocalStorage
@@ -313,16 +313,6 @@ def test_fault_at_every_write_call_leaves_the_previous_checkpoint(tmp_path: Path
             assert str(tmp_path) in str(err.value)
             assert sorted(os.listdir(tmp_path)) == ["ckpt", "count"]  # no staging left behind
             assert_same(old, torchkeep.load("ckpt", storage=LocalStorage(tmp_path)))
-
-
-def causes(error: BaseException) -> list[BaseException]:
-    """``error`` and every exception it was raised from or while handling."""
-    chain: list[BaseException] = []
-    current: BaseException | None = error
-    while current is not None and current not in chain:
-        chain.append(current)
-        current = current.__cause__ or current.__context__
-    return chain
 
 
 def test_failing_state_dict_surfaces_and_writes_nothing(tmp_path: Path) -> None:

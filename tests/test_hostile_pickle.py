@@ -36,6 +36,7 @@ import torch
 
 import torchkeep
 import torchkeep.scan as scan_module
+from tests.conftest import causes
 from torchkeep.cli import main as cli_main
 from torchkeep.formats.pth import crc_check, load_pth
 from torchkeep.scan import ScanResult, scan_bytes, scan_file
@@ -841,15 +842,6 @@ def _below(durable: type, storage: FailingStorage) -> type:
             return super().write(data)
 
     return type("FullDisk", (durable, Disk), {})
-
-
-def causes(error: BaseException) -> list[BaseException]:
-    chain: list[BaseException] = []
-    current: BaseException | None = error
-    while current is not None and current not in chain:
-        chain.append(current)
-        current = current.__cause__ or current.__context__
-    return chain
 
 
 def pth_save_writes(tmp_path: Path, obj: Any) -> int:

@@ -135,3 +135,18 @@ def test_every_read_entry_point_goes_through_the_opener(
     result = ENTRY_POINTS[entry](tmp_path)
     assert result not in (1, 2), f"{entry} failed"  # the CLI's exit status
     assert calls, f"{entry} read the checkpoint without the native opener"
+
+
+def test_a_checkpoint_deleted_while_it_is_read_is_not_found_not_damaged(tmp_path: Path) -> None:
+    import shutil
+
+    from torchkeep.formats import read_consistently
+
+    torchkeep.save(STATE, tmp_path / "ckpt")
+
+    def deleted_midway(source: Any) -> Any:
+        shutil.rmtree(tmp_path / "ckpt")  # a writer's retention, between the manifest and the data
+        raise torchkeep.CorruptCheckpointError("a shard is missing", path=str(tmp_path / "ckpt"))
+
+    with pytest.raises(torchkeep.CheckpointNotFoundError, match="was deleted while it was being read"):
+        read_consistently(LocalStorage(tmp_path), "ckpt", deleted_midway)
