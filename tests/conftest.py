@@ -81,3 +81,11 @@ def causes(error: BaseException) -> list[BaseException]:
         chain.append(current)
         current = current.__cause__ or current.__context__
     return chain
+
+
+def reseal(manifest: dict[str, Any]) -> bytes:
+    """An edited manifest's bytes under a fresh digest, so a reader's later checks, not that one, see the edit."""
+    from torchkeep.manifest import MANIFEST_CHECKSUM, MANIFEST_DIGEST, encode_sorted, seal
+
+    manifest = {k: v for k, v in manifest.items() if k not in (MANIFEST_DIGEST, MANIFEST_CHECKSUM)}
+    return seal(encode_sorted(manifest))

@@ -27,8 +27,8 @@ import pytest
 import torch
 
 import torchkeep
-from tests.conftest import assert_same, causes
-from torchkeep.manifest import MANIFEST_CHECKSUM, _canonical_checksum
+from tests.conftest import assert_same, causes, reseal
+from torchkeep.manifest import seal
 from torchkeep.scan import scan_file
 from torchkeep.storage import LocalStorage
 
@@ -214,10 +214,9 @@ def test_duplicate_json_keys_are_refused(tmp_path: Path) -> None:
     with pytest.raises(torchkeep.CorruptCheckpointError, match="duplicate key"):
         torchkeep.load(path)
     torchkeep.save({"w": torch.ones(1)}, tmp_path / "ckpt")
-    manifest = (tmp_path / "ckpt" / "manifest.json").read_text()
-    (tmp_path / "ckpt" / "manifest.json").write_text(
-        manifest.replace('"format_version": 1,', '"format_version": 1, "format_version": 1,')
-    )
+    path = tmp_path / "ckpt" / "manifest.json"
+    body = path.read_bytes().rpartition(b',"manifest_digest"')[0] + b"}"
+    path.write_bytes(seal(body.replace(b'"format_version":1,', b'"format_version":1,"format_version":1,')))
     with pytest.raises(torchkeep.CorruptCheckpointError, match="duplicate key"):
         torchkeep.load(tmp_path / "ckpt")
 
@@ -231,13 +230,6 @@ def test_deep_json_is_refused(tmp_path: Path) -> None:
         torchkeep.load(tmp_path / "ckpt")
 
 
-def reseal(manifest: dict[str, Any]) -> dict[str, Any]:
-    """Recompute an edited manifest's own checksum, so a reader's later checks, not that one, see the edit."""
-    manifest.pop(MANIFEST_CHECKSUM, None)
-    manifest[MANIFEST_CHECKSUM] = _canonical_checksum(manifest)
-    return manifest
-
-
 def test_path_escapes_are_refused(tmp_path: Path) -> None:
     (tmp_path / "secret.safetensors").write_bytes(b"x" * 100)
     torchkeep.save({"w": torch.ones(4)}, tmp_path / "ckpt")
@@ -247,13 +239,13 @@ def test_path_escapes_are_refused(tmp_path: Path) -> None:
         bad = json.loads(json.dumps(good))
         bad["shards"][0]["file"] = shard
         bad["tensors"][0]["shard"] = shard
-        path.write_text(json.dumps(reseal(bad)))
+        path.write_bytes(reseal(bad))
         with pytest.raises(
             torchkeep.CorruptCheckpointError,
             match=re.escape(f"names shard {shard!r}, which is not a file inside the checkpoint"),
         ):
             torchkeep.load(tmp_path / "ckpt")
-    path.write_text(json.dumps(good))
+    path.write_bytes(reseal(good))
     shard = tmp_path / "ckpt" / "data-00000.safetensors"
     os.replace(shard, tmp_path / "outside.safetensors")
     os.symlink(tmp_path / "outside.safetensors", shard)

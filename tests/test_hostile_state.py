@@ -362,7 +362,7 @@ def test_a_lying_manifest_gets_a_typed_error_and_verify_refuses_what_load_refuse
     import json
     import random
 
-    from .test_hostile import reseal
+    from tests.conftest import reseal
 
     weight = nn.Parameter(torch.randn(3, 4))
     state = {
@@ -375,14 +375,14 @@ def test_a_lying_manifest_gets_a_typed_error_and_verify_refuses_what_load_refuse
     torchkeep.save(state, tmp_path / "ckpt", compression=compression)
     manifest_path = tmp_path / "ckpt" / "manifest.json"
     good = json.loads(manifest_path.read_text())
-    candidates = [p for p in paths_in(good) if p[0] != "manifest_checksum"]
+    candidates = [p for p in paths_in(good) if p[0] != "manifest_digest"]
     rng = random.Random(0)
     mismatches = []
     outcomes: dict[str, int] = {}
     for _ in range(400):
         path = rng.choice(candidates)
         lie = rng.choice(LIES)
-        manifest_path.write_text(json.dumps(reseal(replaced(good, path, lie))))
+        manifest_path.write_bytes(reseal(replaced(good, path, lie)))
         loaded = outcome(lambda: torchkeep.load(tmp_path / "ckpt"))
         verified = outcome(lambda: torchkeep.verify(tmp_path / "ckpt"))
         outcome(lambda: torchkeep.inspect(tmp_path / "ckpt"))  # typed or fine, never another exception
@@ -396,7 +396,7 @@ def test_a_lying_manifest_gets_a_typed_error_and_verify_refuses_what_load_refuse
 
 BLOAT = """
 import json, resource, sys, torch, torchkeep
-from torchkeep.manifest import MANIFEST_CHECKSUM, MAX_MANIFEST_BYTES, _canonical_checksum
+from torchkeep.manifest import MANIFEST_DIGEST, MAX_MANIFEST_BYTES, encode_sorted, seal
 path, kind = sys.argv[1], sys.argv[2]
 if kind.startswith("write-"):
     kind = kind[6:]
@@ -404,9 +404,8 @@ if kind.startswith("write-"):
     m = json.loads(open(path + "/manifest.json").read())
     unit, value = {"strings": (5, "ab"), "dicts": (3, {}), "lists": (3, []), "floats": (4, 1.5)}[kind]
     m["metadata"]["x"] = [value] * ((MAX_MANIFEST_BYTES - 4096) // unit)
-    m.pop(MANIFEST_CHECKSUM)
-    m[MANIFEST_CHECKSUM] = _canonical_checksum(m)
-    open(path + "/manifest.json", "w").write(json.dumps(m, separators=(",", ":")))
+    m.pop(MANIFEST_DIGEST)
+    open(path + "/manifest.json", "wb").write(seal(encode_sorted(m)))
     sys.exit(0)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 try:

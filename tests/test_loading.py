@@ -14,7 +14,7 @@ import safetensors.torch
 import torch
 
 import torchkeep
-from tests.conftest import assert_same, train_state
+from tests.conftest import assert_same, reseal, train_state
 from torchkeep.manifest import FORMAT_VERSION
 
 
@@ -138,12 +138,11 @@ def test_verify_false_skips_checksums(tmp_path: Any) -> None:
 
 
 def edit_manifest(directory: Any, change: Any) -> None:
-    """Rewrite a manifest as a writer would have (its own checksum dropped, so the edit itself is tested)."""
+    """Rewrite a manifest as a writer would have (under a fresh digest, so the edit itself is tested)."""
     path = pathlib.Path(directory) / "manifest.json"
     manifest = json.loads(path.read_text())
-    manifest.pop("manifest_checksum", None)
     change(manifest)
-    path.write_text(json.dumps(manifest))
+    path.write_bytes(reseal(manifest))
 
 
 def flip_byte(path: Any, offset: int) -> None:
@@ -249,7 +248,6 @@ def test_manifest_edits_that_break_structure_are_caught(tmp_path: Any) -> None:
     torchkeep.save({"w": torch.ones(4)}, tmp_path / "ckpt")
     path = tmp_path / "ckpt" / "manifest.json"
     good = json.loads(path.read_text())
-    good.pop("manifest_checksum")  # test the structural checks, not the checksum
     edits = [
         ("tensors", 0, "shape", [5]),
         ("tensors", 0, "offsets", [0, 10**12]),
@@ -261,7 +259,7 @@ def test_manifest_edits_that_break_structure_are_caught(tmp_path: Any) -> None:
     for section, index, field, value in edits:
         bad = json.loads(json.dumps(good))
         bad[section][index][field] = value
-        path.write_text(json.dumps(bad))
+        path.write_bytes(reseal(bad))  # a fresh digest: the structural checks are tested, not the digest
         with pytest.raises(torchkeep.CorruptCheckpointError):
             torchkeep.load(tmp_path / "ckpt")
 

@@ -1,23 +1,25 @@
-"""The manifest: what a native checkpoint holds, as versioned, human-readable JSON.
+"""The manifest: what a native checkpoint holds, as versioned JSON.
 
 ``manifest.json`` is written last; its presence is what makes a directory a
-checkpoint. Layout (format version 1)::
+checkpoint. Layout (format version 1), written as compact JSON with sorted
+keys and the manifest's own digest as the last member::
 
-    {
-      "format": "torchkeep.checkpoint",
-      "format_version": 1,
-      "created": "2026-11-28T15:00:00.123456Z",
-      "provenance": {"torchkeep": "...", "torch": "...", "python": "...", "numpy": "..."},
-      "checksum_algorithm": "xxh3-64",
-      "metadata": {... the user's JSON ...},
-      "tree": <node, see torchkeep.tree>,
-      "shards": [{"file": "data-00000.safetensors", "size": 1234}],
-      "tensors": [{"name": "model.weight", "kind": "torch", "dtype": "float32",
-                   "shape": [4, 4], "device": "cpu", "shard": "data-00000.safetensors",
-                   "offsets": [0, 64], "checksum": "9f...", "nbytes": 64}]
-    }
+    {"checksum_algorithm": "xxh3-64",
+     "created": "2026-11-28T15:00:00.123456Z",
+     "format": "torchkeep.checkpoint", "format_version": 1,
+     "metadata": {... the user's JSON ...},
+     "provenance": {"numpy": "...", "python": "...", "torch": "...", "torchkeep": "..."},
+     "shards": [{"file": "data-00000.safetensors", "size": 1234}],
+     "tensors": [{"checksum": "9f...", "dtype": "float32", "kind": "torch", "name": "model.weight",
+                  "nbytes": 64, "offsets": [0, 64], "shape": [4, 4], "shard": "data-00000.safetensors"}],
+     "tree": <node, see torchkeep.tree>,
+     "manifest_digest": "<xxh3-64 of everything before it, closed with '}'>"}
 
 ``offsets`` are relative to the start of the shard's data, as in safetensors.
+The digest covers the bytes as written, and a reader accepts them only in the
+one form this writer produces (so no key can appear twice and no value can
+be read two ways). Manifests written before the digest carry
+``manifest_checksum`` over a canonical re-encoding instead; both are read.
 An unknown format version is refused, never guessed at.
 """
 
@@ -29,9 +31,10 @@ import json
 import math
 import os
 import platform
-from dataclasses import dataclass, field
-from typing import Any
+import re
+from typing import Annotated, Any, Literal
 
+import msgspec
 import numpy as np
 import torch
 
@@ -51,50 +54,44 @@ FORMAT_NAME = "torchkeep.checkpoint"
 #: shards; a checkpoint without them is still written as version 1.
 FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
-#: The manifest's own checksum: the tree and every plain value are covered, not only tensor bytes.
+#: The manifest's digest over its own bytes: the tree and every plain value are covered, not only tensor bytes.
+MANIFEST_DIGEST = "manifest_digest"
+#: The older form: a checksum over the manifest re-encoded canonically by the json module.
 MANIFEST_CHECKSUM = "manifest_checksum"
+_DIGEST_TAIL = re.compile(rb',"manifest_digest":"([0-9a-f]{16})"\}\Z')
 #: The largest manifest (or embedded manifest, or sharded-safetensors index) read or written.
 #: Parsing JSON costs up to ~17x its size in Python objects (see strict_json), so this bounds a
-#: reader's memory near 1.1 GiB; a manifest of 100,000 tensors is about 32 MiB.
+#: reader's memory near 1.1 GiB; a manifest of 100,000 tensors is about 25 MiB.
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
 #: The most objects and arrays any JSON torchkeep reads may hold (5 per tensor in a manifest).
 MAX_JSON_CONTAINERS = 2_000_000
 
+_Count = Annotated[int, msgspec.Meta(ge=0)]
 
-@dataclass(frozen=True)
-class TensorEntry:
+
+class TensorEntry(msgspec.Struct, frozen=True, omit_defaults=True, gc=False):
     """Where one tensor or array lives and how to check it.
+
+    Entries hold only strings and numbers, so the cycle collector need not
+    track them (``gc=False``): a checkpoint may have hundreds of thousands.
 
     ``kind`` is ``"torch"`` (dtype is a torch dtype name) or ``"numpy"`` (dtype is
     a numpy ``dtype.str``).
     """
 
     name: str
-    kind: str
+    kind: Literal["torch", "numpy"]
     dtype: str
-    shape: tuple[int, ...]
-    nbytes: int
+    shape: tuple[_Count, ...]
+    nbytes: _Count
     shard: str
-    offsets: tuple[int, int]
+    offsets: tuple[_Count, _Count]
     checksum: str
     device: str = "cpu"
-    shuffle: int = 0  # in a compressed shard: the element size its bytes were shuffled by (0: not shuffled)
-
-    def to_json(self) -> dict[str, Any]:
-        # Written out by hand, in field order: dataclasses.asdict deep-copies every value, and a
-        # checkpoint may hold hundreds of thousands of entries.
-        out: dict[str, Any] = {
-            "name": self.name, "kind": self.kind, "dtype": self.dtype, "shape": list(self.shape),
-            "nbytes": self.nbytes, "shard": self.shard, "offsets": list(self.offsets), "checksum": self.checksum,
-            "device": self.device,
-        }  # fmt: skip
-        if self.shuffle:
-            out["shuffle"] = self.shuffle
-        return out
+    shuffle: _Count = 0  # in a compressed shard: the element size its bytes were shuffled by (0: not shuffled)
 
 
-@dataclass(frozen=True)
-class ShardEntry:
+class ShardEntry(msgspec.Struct, frozen=True, omit_defaults=True, gc=False):
     """One data file of the checkpoint.
 
     ``compression`` is None for a safetensors shard, or ``"zstd"`` for a shard of
@@ -104,17 +101,9 @@ class ShardEntry:
     """
 
     file: str
-    size: int
+    size: _Count
     compression: str | None = None
     shared: bool = False
-
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"file": self.file, "size": self.size}
-        if self.compression is not None:
-            out["compression"] = self.compression
-        if self.shared:
-            out["shared"] = True
-        return out
 
 
 def utc_now() -> str:
@@ -126,7 +115,7 @@ def provenance() -> dict[str, str]:
     """The versions that wrote a checkpoint, recorded for whoever reads it later."""
     return {
         "torchkeep": __version__,
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),  # a str subclass, which JSON encoders refuse
         "numpy": np.__version__,
         "python": platform.python_version(),
     }
@@ -157,7 +146,7 @@ def _plain(value: Any, where: str) -> Any:
         for key, item in value.items():
             if not isinstance(key, str):
                 raise UnsupportedObjectError(f"{where} has the key {key!r}; metadata keys are strings.")
-            out[key] = _plain(item, f"{where}[{key!r}]")
+            out[str(key)] = _plain(item, f"{where}[{key!r}]")
         return out
     if isinstance(value, (list, tuple)):
         return [_plain(item, f"{where}[{i}]") for i, item in enumerate(value)]
@@ -189,37 +178,36 @@ def check_metadata(metadata: object) -> dict[str, Any]:
     return plain
 
 
-@dataclass(frozen=True)
-class Manifest:
+class Manifest(msgspec.Struct, frozen=True, kw_only=True):
     """The parsed ``manifest.json`` of a native checkpoint."""
 
     tree: Any
     tensors: tuple[TensorEntry, ...]
     shards: tuple[ShardEntry, ...]
-    metadata: dict[str, Any] = field(default_factory=dict)
-    created: str = field(default_factory=utc_now)
-    provenance: dict[str, str] = field(default_factory=provenance)
+    metadata: dict[str, Any] = msgspec.field(default_factory=dict)
+    created: str = msgspec.field(default_factory=utc_now)
+    provenance: dict[str, str] = msgspec.field(default_factory=provenance)
     checksum_algorithm: str = CHECKSUM_ALGORITHM
     format_version: int = 1  # 2 only when a shard is compressed, so older readers keep reading the rest
+    format: str = FORMAT_NAME
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "format": FORMAT_NAME,
-            "format_version": self.format_version,
-            "created": self.created,
-            "provenance": self.provenance,
-            "checksum_algorithm": self.checksum_algorithm,
-            "metadata": self.metadata,
-            "tree": self.tree,
-            "shards": [s.to_json() for s in self.shards],
-            "tensors": [t.to_json() for t in self.tensors],
-        }
+        """The manifest as plain JSON values."""
+        out: dict[str, Any] = msgspec.to_builtins(self)
+        return out
 
     def to_bytes(self) -> bytes:
         """The manifest as written; refuses one that readers would refuse as too large."""
-        data = self.to_json()
-        data[MANIFEST_CHECKSUM] = _canonical_checksum(data)
-        raw = json.dumps(data, indent=1, ensure_ascii=True, allow_nan=False).encode("ascii")
+        try:
+            body = _ENCODER.encode(self)
+        except UnicodeEncodeError:
+            # A lone surrogate in a str of the tree: only JSON's escapes can hold it, which the
+            # older, slower form uses (every reader reads both).
+            data = self.to_json()
+            data[MANIFEST_CHECKSUM] = _canonical_checksum(data)
+            raw = json.dumps(data, ensure_ascii=True, allow_nan=False).encode("ascii")
+        else:
+            raw = b'%s,"%s":"%s"}' % (body[:-1], MANIFEST_DIGEST.encode(), checksum(body).encode())
         if len(raw) > MAX_MANIFEST_BYTES:
             raise UnsupportedObjectError(
                 f"The manifest would be {len(raw)} bytes, over the {MAX_MANIFEST_BYTES}-byte limit that "
@@ -229,84 +217,156 @@ class Manifest:
         return raw
 
     @classmethod
-    def from_json(cls, data: object, *, path: str | None = None) -> Manifest:
-        """Validate and parse a manifest's JSON.
+    def from_bytes(cls, raw: bytes, *, path: str | None = None) -> Manifest:
+        """Check and parse a manifest as read from disk.
 
         Raises:
             UnsupportedFormatError: not a torchkeep manifest, or a newer format version.
-            CorruptCheckpointError: a field is missing or has the wrong type.
+            ChecksumMismatchError: the bytes fail the manifest's own digest or checksum.
+            CorruptCheckpointError: not JSON, or a field is missing or has the wrong type.
         """
-        if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
-            raise UnsupportedFormatError(f"{path!r} is not a torchkeep manifest.", path=path)
-        if MANIFEST_CHECKSUM in data:  # manifests written before it was added carry none
-            data = dict(data)
-            recorded = data.pop(MANIFEST_CHECKSUM)
-            if recorded != _canonical_checksum(data):
-                raise ChecksumMismatchError(
-                    f"The manifest of {path!r} is damaged: its contents fail their checksum. Restore the "
-                    "checkpoint from a good copy, or load an earlier one.",
-                    path=path,
-                    damaged=[MANIFEST_NAME],
-                )
-        version = data.get("format_version")
-        if type(version) is not int or version < 1:
-            raise CorruptCheckpointError(f"{path!r} has an invalid format_version {version!r}.", path=path)
-        if version > FORMAT_VERSION:
-            raise UnsupportedFormatError(
-                f"{path!r} was written in checkpoint format {version}; this torchkeep "
-                f"({__version__}) reads formats up to {FORMAT_VERSION}. Upgrade torchkeep to load it.",
-                path=path,
-            )
         try:
-            algorithm = data["checksum_algorithm"]
-            if algorithm != CHECKSUM_ALGORITHM:
-                raise UnsupportedFormatError(
-                    f"{path!r} uses checksum algorithm {algorithm!r}; this torchkeep knows {CHECKSUM_ALGORITHM!r}.",
-                    path=path,
-                )
-            for field_name in ("shards", "tensors"):
-                if type(data[field_name]) is not list:
-                    raise TypeError(f"{field_name} is a {type(data[field_name]).__name__}, not a list")
-            shards = tuple(_shard_entry(s, path) for s in data["shards"])
-            tensors = tuple(_tensor_entry(t) for t in data["tensors"])
-            for what, names in (("tensor", [t.name for t in tensors]), ("shard", [s.file for s in shards])):
-                if len(set(names)) != len(names):
-                    raise ValueError(f"a {what} name appears twice")
-            metadata = data["metadata"]
-            if not isinstance(metadata, dict):
-                raise TypeError("metadata is not an object")
-            if not isinstance(data["provenance"], dict):
-                raise TypeError("provenance is not an object")
-            return cls(
-                tree=data["tree"],
-                tensors=tensors,
-                shards=shards,
-                metadata=metadata,
-                created=_str(data["created"]),
-                provenance=dict(data["provenance"]),
-                checksum_algorithm=algorithm,
-                format_version=version,
-            )
-        except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError) as exc:
-            if isinstance(exc, UnsupportedFormatError):
-                raise
-            raise CorruptCheckpointError(
-                f"The manifest of {path!r} is damaged: {type(exc).__name__}: {exc}.", path=path
-            ) from exc
+            _count_containers(raw)
+        except ValueError as exc:
+            raise CorruptCheckpointError(f"The manifest of {path!r} is damaged: {exc}.", path=path) from exc
+        tail = _DIGEST_TAIL.search(raw, max(0, len(raw) - 64))
+        if tail is None:
+            return _from_older(raw, path)
+        body = raw[: tail.start()] + b"}"
+        if checksum(body) != tail.group(1).decode("ascii"):
+            raise _damaged(path)
+        try:
+            manifest = _DECODER.decode(body)
+        except msgspec.ValidationError as exc:
+            _check_header(msgspec.json.decode(body), path)  # a newer format fails here, more helpfully
+            raise CorruptCheckpointError(f"The manifest of {path!r} is damaged: {exc}.", path=path) from exc
+        except (msgspec.DecodeError, RecursionError) as exc:
+            raise CorruptCheckpointError(f"The manifest of {path!r} is not valid JSON ({exc}).", path=path) from exc
+        if _ENCODER.encode(manifest) != body:
+            # Decoding keeps the last of two equal keys, so the bytes re-encode differently.
+            try:
+                strict_json(body)
+                why = "it is not in the form torchkeep writes (an unknown field, or spacing)"
+            except ValueError as exc:
+                why = str(exc)
+            raise CorruptCheckpointError(f"The manifest of {path!r} is damaged: {why}.", path=path)
+        _check_entries(manifest, path)
+        return manifest
 
     @classmethod
-    def from_bytes(cls, raw: bytes, *, path: str | None = None) -> Manifest:
-        try:
-            data = strict_json(raw)
-        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+    def from_json(cls, data: object, *, path: str | None = None) -> Manifest:
+        """Validate and parse a manifest's JSON values (the form written before the digest).
+
+        Raises:
+            UnsupportedFormatError: not a torchkeep manifest, or a newer format version.
+            ChecksumMismatchError: the values fail the manifest's own checksum.
+            CorruptCheckpointError: a field is missing or has the wrong type.
+        """
+        _check_header(data, path)
+        assert isinstance(data, dict)
+        if MANIFEST_DIGEST in data:
             raise CorruptCheckpointError(
-                f"The manifest of {path!r} is not valid JSON ({exc}); the checkpoint is damaged.", path=path
-            ) from exc
-        return cls.from_json(data, path=path)
+                f"The manifest of {path!r} is damaged: it has a digest but not the form it was written in.",
+                path=path,
+            )
+        if MANIFEST_CHECKSUM in data:  # manifests written before it was added carry none
+            data = dict(data)
+            if data.pop(MANIFEST_CHECKSUM) != _canonical_checksum(data):
+                raise _damaged(path)
+        try:
+            manifest = msgspec.convert(data, type=cls)
+        except msgspec.ValidationError as exc:
+            raise CorruptCheckpointError(f"The manifest of {path!r} is damaged: {exc}.", path=path) from exc
+        _check_entries(manifest, path)
+        return manifest
+
+
+_ENCODER = msgspec.json.Encoder(order="sorted")
+
+
+def seal(body: bytes) -> bytes:
+    """A JSON object's bytes closed by their digest, as a manifest is written."""
+    return b'%s,"%s":"%s"}' % (body[:-1], MANIFEST_DIGEST.encode(), checksum(body).encode())
+
+
+def encode_sorted(data: Any) -> bytes:
+    """JSON values in the form a manifest's body is written: compact, keys sorted, UTF-8."""
+    return _ENCODER.encode(data)
+
+
+_DECODER = msgspec.json.Decoder(type=Manifest)
+
+
+def _damaged(path: str | None) -> ChecksumMismatchError:
+    return ChecksumMismatchError(
+        f"The manifest of {path!r} is damaged: its contents fail their checksum. Restore the "
+        "checkpoint from a good copy, or load an earlier one.",
+        path=path,
+        damaged=[MANIFEST_NAME],
+    )
+
+
+def _from_older(raw: bytes, path: str | None) -> Manifest:
+    try:
+        data = strict_json(raw)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise CorruptCheckpointError(
+            f"The manifest of {path!r} is not valid JSON ({exc}); the checkpoint is damaged.", path=path
+        ) from exc
+    return Manifest.from_json(data, path=path)
+
+
+def _check_header(data: object, path: str | None) -> None:
+    """Refuse what is not a torchkeep manifest, or one from a format this torchkeep does not read."""
+    if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
+        raise UnsupportedFormatError(f"{path!r} is not a torchkeep manifest.", path=path)
+    version = data.get("format_version")
+    if type(version) is not int or version < 1:
+        raise CorruptCheckpointError(f"{path!r} has an invalid format_version {version!r}.", path=path)
+    if version > FORMAT_VERSION:
+        raise UnsupportedFormatError(
+            f"{path!r} was written in checkpoint format {version}; this torchkeep "
+            f"({__version__}) reads formats up to {FORMAT_VERSION}. Upgrade torchkeep to load it.",
+            path=path,
+        )
+    algorithm = data.get("checksum_algorithm")
+    if algorithm != CHECKSUM_ALGORITHM:
+        raise UnsupportedFormatError(
+            f"{path!r} uses checksum algorithm {algorithm!r}; this torchkeep knows {CHECKSUM_ALGORITHM!r}.",
+            path=path,
+        )
+
+
+def _check_entries(manifest: Manifest, path: str | None) -> None:
+    """What the schema cannot say: a known format, unique names, offsets that run forwards."""
+    _check_header(
+        {"format": manifest.format, "format_version": manifest.format_version,
+         "checksum_algorithm": manifest.checksum_algorithm},
+        path,
+    )  # fmt: skip
+    why = None
+    names = [t.name for t in manifest.tensors]
+    files = [s.file for s in manifest.shards]
+    if len(set(names)) != len(names):
+        why = "a tensor name appears twice"
+    elif len(set(files)) != len(files):
+        why = "a shard name appears twice"
+    elif any("\x00" in name for name in names):
+        why = "a tensor name holds a NUL byte"
+    elif any(t.offsets[1] < t.offsets[0] for t in manifest.tensors):
+        why = "a tensor's offsets run backwards"
+    if why is not None:
+        raise CorruptCheckpointError(f"The manifest of {path!r} is damaged: {why}.", path=path)
+    for shard in manifest.shards:
+        if shard.compression not in (None, "zstd"):
+            raise UnsupportedFormatError(
+                f"{path!r} has a shard compressed with {shard.compression!r}, which this torchkeep cannot read.",
+                path=path,
+            )
 
 
 def _canonical_checksum(data: dict[str, Any]) -> str:
-    """The checksum of a manifest's contents, over a canonical JSON form that parsing and dumping reproduce."""
+    """The older manifest checksum, over a canonical JSON form that parsing and dumping reproduce."""
     canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
     return checksum(canonical.encode("ascii"))
 
@@ -320,6 +380,15 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _count_containers(raw: bytes) -> None:
+    containers = raw.count(b"{") + raw.count(b"[")  # an upper bound: braces inside strings count too
+    if containers > MAX_JSON_CONTAINERS:
+        raise ValueError(
+            f"it holds {containers} objects and arrays, over the {MAX_JSON_CONTAINERS} a reader parses "
+            "(a checkpoint of 100,000 tensors holds about 500,000)"
+        )
+
+
 def strict_json(raw: bytes) -> Any:
     """Parse UTF-8 JSON, refusing duplicate keys (a reader must never pick one of two silently).
 
@@ -331,61 +400,5 @@ def strict_json(raw: bytes) -> Any:
     Raises:
         UnicodeDecodeError, ValueError, RecursionError: the bytes are not such JSON, or hold too many containers.
     """
-    containers = raw.count(b"{") + raw.count(b"[")  # an upper bound: braces inside strings count too
-    if containers > MAX_JSON_CONTAINERS:
-        raise ValueError(
-            f"it holds {containers} objects and arrays, over the {MAX_JSON_CONTAINERS} a reader parses "
-            "(a checkpoint of 100,000 tensors holds about 500,000)"
-        )
+    _count_containers(raw)
     return json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-
-
-def _str(value: object) -> str:
-    if not isinstance(value, str):
-        raise TypeError(f"expected a string, found {value!r}")
-    return value
-
-
-def _int(value: object) -> int:
-    if type(value) is not int or value < 0:
-        raise TypeError(f"expected a non-negative integer, found {value!r}")
-    return value
-
-
-def _shard_entry(s: dict[str, Any], path: str | None) -> ShardEntry:
-    if type(s) is not dict:
-        raise TypeError(f"a shard entry is a {type(s).__name__}, not an object")
-    compression = s.get("compression")
-    if compression not in (None, "zstd"):
-        raise UnsupportedFormatError(
-            f"{path!r} has a shard compressed with {compression!r}, which this torchkeep cannot read.", path=path
-        )
-    shared = s.get("shared", False)
-    if shared is not True and shared is not False:
-        raise TypeError(f"shard {s.get('file')!r} has a non-boolean 'shared'")
-    return ShardEntry(file=_str(s["file"]), size=_int(s["size"]), compression=compression, shared=shared)
-
-
-def _tensor_entry(t: dict[str, Any]) -> TensorEntry:
-    if type(t) is not dict:
-        raise TypeError(f"a tensor entry is a {type(t).__name__}, not an object")
-    if "\x00" in _str(t["name"]):
-        raise ValueError(f"tensor name {t['name']!r} holds a NUL byte")
-    begin, end = (_int(v) for v in t["offsets"])
-    if end < begin:
-        raise ValueError(f"tensor {t.get('name')!r} has offsets that run backwards")
-    kind = _str(t["kind"])
-    if kind not in ("torch", "numpy"):
-        raise ValueError(f"tensor {t.get('name')!r} has unknown kind {kind!r}")
-    return TensorEntry(
-        name=_str(t["name"]),
-        kind=kind,
-        dtype=_str(t["dtype"]),
-        shape=tuple(_int(d) for d in t["shape"]),
-        nbytes=_int(t["nbytes"]),
-        shard=_str(t["shard"]),
-        offsets=(begin, end),
-        checksum=_str(t["checksum"]),
-        device=_str(t.get("device", "cpu")),
-        shuffle=_int(t.get("shuffle", 0)),
-    )

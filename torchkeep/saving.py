@@ -18,6 +18,7 @@ from torchkeep.formats.native import DEFAULT_MAX_SHARD_SIZE, write_native
 from torchkeep.formats.pth import write_pth
 from torchkeep.formats.safetensors_file import write_safetensors
 from torchkeep.formats.shard import PlannedTensor, plan_tensors
+from torchkeep.gcpause import paused_gc
 from torchkeep.manifest import MANIFEST_NAME, Manifest, check_metadata
 from torchkeep.progress import Progress, Tally, counting_storage
 from torchkeep.storage import Storage, join_key, resolve
@@ -103,9 +104,11 @@ def prepare_save(
             "A .pth file has no place for metadata; save to a native checkpoint or a .safetensors file, "
             "or put the values inside the saved dict."
         )
-    tree, leaves = encode_tree(obj, numpy_ok=fmt != Format.TORCH_ZIP, in_manifest=fmt != Format.TORCH_ZIP)
+    with paused_gc():
+        tree, leaves = encode_tree(obj, numpy_ok=fmt != Format.TORCH_ZIP, in_manifest=fmt != Format.TORCH_ZIP)
+        planned = plan_tensors(leaves)
     _check_target(st, key, fmt)
-    return SaveJob(st, key, fmt, obj, tree, plan_tensors(leaves), meta, max_shard_size, codec, objects)
+    return SaveJob(st, key, fmt, obj, tree, planned, meta, max_shard_size, codec, objects)
 
 
 def write_job(job: SaveJob) -> Manifest | None:

@@ -17,6 +17,7 @@ from torchkeep.formats.detect import Format, detect_format
 from torchkeep.formats.native import open_native
 from torchkeep.formats.safetensors_file import open_safetensors, open_sharded_safetensors
 from torchkeep.formats.source import Source, TorchFileSource
+from torchkeep.gcpause import paused_gc
 from torchkeep.integrity import checksum
 from torchkeep.manifest import MANIFEST_NAME
 from torchkeep.storage import Storage, join_key
@@ -90,7 +91,8 @@ def read_consistently(storage: Storage, key: str, read: Callable[[Source], T]) -
     for attempt in range(ATTEMPTS):
         before = _fingerprint(storage, key)
         try:
-            return read(open_checkpoint(storage, key))
+            with paused_gc():  # a checkpoint of many tensors is many small objects, none in a cycle
+                return read(open_checkpoint(storage, key))
         except (CorruptCheckpointError, CheckpointNotFoundError) as err:
             after = _fingerprint(storage, key)
             if after is None:

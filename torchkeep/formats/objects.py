@@ -66,7 +66,7 @@ def _intact(storage: Storage, key: str, digest: str, nbytes: int) -> bool:
     try:
         header = read_header(storage, key)
         stored = header.tensors.get(OBJECT_TENSOR)
-        if stored is None or list(stored["data_offsets"]) != [0, nbytes] or header.size != header.data_start + nbytes:
+        if stored is None or stored.data_offsets != (0, nbytes) or header.size != header.data_start + nbytes:
             return False
         data = storage.read(key, header.data_start, nbytes)
     except TorchkeepError:

@@ -33,7 +33,7 @@ def write_safetensors(
         # The header must carry the checksums, so it is built once they are known.
         manifest = Manifest(tree=tree, tensors=tree_order(entries, planned), shards=(), metadata=metadata)
         written.append(manifest)
-        return {"format": "pt", _META_KEY: manifest.to_bytes().decode("ascii")}
+        return {"format": "pt", _META_KEY: manifest.to_bytes().decode("utf-8")}
 
     with storage.begin(key, directory=False) as txn, txn.open() as f:
         write_shard(f, planned, "", header_metadata)
@@ -42,13 +42,13 @@ def write_safetensors(
 
 def _foreign_entries(header: ShardHeader, shard: str) -> list[TensorEntry]:
     entries = []
-    for name, info in sorted(header.tensors.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-        dtype = torch_dtype_from_code(info["dtype"])
+    for name, info in sorted(header.tensors.items(), key=lambda kv: kv[1].data_offsets[0]):
+        dtype = torch_dtype_from_code(info.dtype)
         assert dtype is not None  # read_header refuses unknown codes
-        begin, end = info["data_offsets"]
+        begin, end = info.data_offsets
         entries.append(
             TensorEntry(
-                name=name, kind="torch", dtype=torch_dtype_name(dtype), shape=tuple(info["shape"]),
+                name=name, kind="torch", dtype=torch_dtype_name(dtype), shape=info.shape,
                 nbytes=end - begin, shard=shard, offsets=(begin, end), checksum="",
             )
         )  # fmt: skip

@@ -11,18 +11,25 @@ as raw bytes (``"U8"``); its real dtype is in the torchkeep manifest.
 
 from __future__ import annotations
 
-import json
 import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Annotated, Any, BinaryIO, Literal
 
+import msgspec
 import numpy as np
 import torch
 
-from torchkeep.dtypes import safetensors_code, safetensors_numpy_code, torch_dtype_name
+from torchkeep.dtypes import (
+    numpy_dtype_from_name,
+    safetensors_code,
+    safetensors_numpy_code,
+    torch_dtype_from_name,
+    torch_dtype_name,
+)
 from torchkeep.errors import CorruptCheckpointError, UnsupportedFormatError, UnsupportedObjectError
+from torchkeep.gcpause import paused_gc
 from torchkeep.integrity import checksum
 from torchkeep.manifest import TensorEntry, strict_json
 from torchkeep.storage import Storage
@@ -43,7 +50,7 @@ class PlannedTensor:
     """A leaf with its dtype, shape and byte size worked out, before any data is copied."""
 
     leaf: ArrayLeaf
-    kind: str
+    kind: Literal["torch", "numpy"]
     dtype: str
     shape: tuple[int, ...]
     nbytes: int
@@ -117,10 +124,11 @@ def _header_bytes(planned: list[PlannedTensor], offsets: list[tuple[int, int]], 
     header: dict[str, Any] = {}
     if metadata:
         header["__metadata__"] = metadata
-    for p, (begin, end) in zip(planned, offsets, strict=True):
-        shape = [p.nbytes] if p.raw else list(p.shape)
-        header[p.name] = {"dtype": p.code, "shape": shape, "data_offsets": [begin, end]}
-    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+    with paused_gc():
+        for p, (begin, end) in zip(planned, offsets, strict=True):
+            shape = [p.nbytes] if p.raw else list(p.shape)
+            header[p.name] = {"dtype": p.code, "shape": shape, "data_offsets": [begin, end]}
+        raw = msgspec.json.encode(header)
     raw += b" " * (-len(raw) % 8)
     if len(raw) > MAX_HEADER_BYTES:
         raise UnsupportedObjectError(
@@ -195,10 +203,33 @@ def write_shard(
 class ShardHeader:
     """A parsed safetensors header: tensors by name, the string metadata, where data starts."""
 
-    tensors: dict[str, dict[str, Any]]
+    tensors: dict[str, HeaderEntry]
     metadata: dict[str, str]
     data_start: int
     size: int
+
+
+class HeaderEntry(msgspec.Struct, frozen=True, gc=False):
+    """One tensor of a safetensors header."""
+
+    dtype: str
+    shape: tuple[Annotated[int, msgspec.Meta(ge=0)], ...]
+    data_offsets: tuple[Annotated[int, msgspec.Meta(ge=0)], Annotated[int, msgspec.Meta(ge=0)]]
+
+
+def _parse_header(raw: bytes) -> Any:
+    """Parse a header at C speed, falling back to the strict parser when a key may appear twice.
+
+    Every entry has one ``dtype``, ``shape`` and ``data_offsets``: a repeated
+    key (a tensor named twice, or a field given twice) makes one of them
+    occur more often than there are entries, and then the strict parser finds it.
+    """
+    parsed = msgspec.json.decode(raw)
+    if isinstance(parsed, dict):
+        entries = len(parsed) - ("__metadata__" in parsed)
+        if all(raw.count(word) == entries for word in (b'"dtype"', b'"shape"', b'"data_offsets"')):
+            return parsed
+    return strict_json(raw)
 
 
 def read_header(storage: Storage, key: str) -> ShardHeader:
@@ -226,48 +257,56 @@ def read_header(storage: Storage, key: str) -> ShardHeader:
         raise corrupt(f"it declares a {length}-byte header, over the {MAX_HEADER_BYTES}-byte limit")
     if 8 + length > size:
         raise corrupt(f"it declares a {length}-byte header but holds {size - 8} bytes after the length")
+    raw = storage.read(key, 8, length)
     try:
-        header = strict_json(storage.read(key, 8, length))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        parsed = _parse_header(raw)
+    except (UnicodeDecodeError, ValueError, RecursionError, msgspec.DecodeError) as exc:
         raise corrupt(f"its header is not JSON ({exc})") from exc
-    if not isinstance(header, dict):
+    if not isinstance(parsed, dict):
         raise corrupt("its header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = parsed.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise corrupt("its __metadata__ is not a map of strings")
+    try:
+        header = msgspec.convert(parsed, dict[str, HeaderEntry])
+    except msgspec.ValidationError:
+        for name, info in parsed.items():  # find which one, to name it
+            try:
+                msgspec.convert(info, HeaderEntry)
+            except msgspec.ValidationError as exc:
+                raise corrupt(f"tensor {name!r} has a malformed entry ({exc})", name) from None
+        raise
     data_start = 8 + length
     for name, info in header.items():
+        begin, end = info.data_offsets
         if "\x00" in name:
             raise corrupt(f"tensor name {name!r} holds a NUL byte", name)
-        try:
-            code, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-            if not all(type(d) is int and d >= 0 for d in [*shape, begin, end]):
-                raise TypeError
-        except (KeyError, TypeError, ValueError):
-            raise corrupt(f"tensor {name!r} has a malformed entry", name) from None
         if end < begin or data_start + end > size:
             raise corrupt(f"tensor {name!r} spans bytes {begin}..{end}, beyond the file's data", name)
-        itemsize = _CODE_SIZES.get(code)
+        itemsize = _CODE_SIZES.get(info.dtype)
         if itemsize is None:
             raise UnsupportedFormatError(
-                f"Tensor {name!r} in {where!r} has dtype {code!r}, which this torchkeep cannot read.",
+                f"Tensor {name!r} in {where!r} has dtype {info.dtype!r}, which this torchkeep cannot read.",
                 path=where,
                 key=name,
             )
-        if math.prod(shape) * itemsize != end - begin:
-            raise corrupt(f"tensor {name!r} has shape {shape} but {end - begin} bytes", name)
+        if math.prod(info.shape) * itemsize != end - begin:
+            raise corrupt(f"tensor {name!r} has shape {list(info.shape)} but {end - begin} bytes", name)
     return ShardHeader(tensors=header, metadata=metadata, data_start=data_start, size=size)
+
+
+_DTYPES: dict[tuple[str, str], torch.dtype | np.dtype[Any]] = {}  # (kind, name) -> dtype, as looked up once
 
 
 def entry_dtype(entry: TensorEntry, *, path: str) -> torch.dtype | np.dtype[Any]:
     """The dtype of a manifest entry, refusing one this torch lacks or a byte count that is not its shape's."""
-    from torchkeep.dtypes import numpy_dtype_from_name, torch_dtype_from_name
-
-    dtype: torch.dtype | np.dtype[Any]
-    if entry.kind == "torch":
-        dtype = torch_dtype_from_name(entry.dtype, path=path, key=entry.name)
-    else:
-        dtype = numpy_dtype_from_name(entry.dtype, path=path, key=entry.name)
+    dtype = _DTYPES.get((entry.kind, entry.dtype))
+    if dtype is None:
+        if entry.kind == "torch":
+            dtype = torch_dtype_from_name(entry.dtype, path=path, key=entry.name)
+        else:
+            dtype = numpy_dtype_from_name(entry.dtype, path=path, key=entry.name)
+        _DTYPES[(entry.kind, entry.dtype)] = dtype
     if math.prod(entry.shape) * dtype.itemsize != entry.nbytes:
         raise CorruptCheckpointError(
             f"Tensor {entry.name!r} in {path!r} claims shape {list(entry.shape)} of {entry.dtype} "
@@ -279,15 +318,16 @@ def entry_dtype(entry: TensorEntry, *, path: str) -> torch.dtype | np.dtype[Any]
 
 
 def materialize(buf: memoryview, start: int, entry: TensorEntry, *, path: str) -> torch.Tensor | np.ndarray:
-    """A tensor or array viewing ``entry``'s bytes in ``buf`` in place (no copy)."""
+    """A tensor or array viewing ``entry``'s bytes in ``buf`` in place (no copy), with a storage of its own."""
     dtype = entry_dtype(entry, path=path)
     itemsize = dtype.itemsize
     if isinstance(dtype, torch.dtype):
         if entry.nbytes == 0:
             return torch.empty(entry.shape, dtype=dtype)
-        flat = torch.frombuffer(buf, dtype=torch.uint8, count=entry.nbytes, offset=start)
-        if start % itemsize:
-            flat = flat.clone()  # misaligned (a foreign file): one copy so the dtype view is legal
-        return flat.view(dtype).reshape(entry.shape)
+        if start % itemsize == 0:
+            return torch.frombuffer(buf, dtype=dtype, count=entry.nbytes // itemsize, offset=start).view(entry.shape)
+        # Misaligned (a foreign file): one copy so the dtype view is legal.
+        flat = torch.frombuffer(buf, dtype=torch.uint8, count=entry.nbytes, offset=start).clone()
+        return flat.view(dtype).view(entry.shape)
     arr = np.frombuffer(buf, dtype=np.uint8, count=entry.nbytes, offset=start)
     return arr.view(dtype).reshape(entry.shape)

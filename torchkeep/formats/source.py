@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import numpy as np
 import torch
 
@@ -33,7 +34,7 @@ from torchkeep.formats.compressed import read_compressed
 from torchkeep.formats.detect import Format
 from torchkeep.formats.objects import OBJECT_TENSOR
 from torchkeep.formats.pth import crc_check, load_pth
-from torchkeep.formats.shard import entry_dtype, materialize, read_header
+from torchkeep.formats.shard import ShardHeader, entry_dtype, materialize, read_header
 from torchkeep.formats.streaming import CopyJob, copy_into
 from torchkeep.info import CheckpointInfo, TensorInfo, VerifyReport
 from torchkeep.integrity import checksum
@@ -48,8 +49,7 @@ __all__ = ["ManifestSource", "Place", "Source", "StoredTensor", "TorchFileSource
 Place = Callable[[str, Any, str], Any]
 
 
-@dataclass(frozen=True)
-class StoredTensor:
+class StoredTensor(msgspec.Struct, frozen=True, gc=False):
     """Where one tensor's bytes are: a range of a mapped shard, or a zstd frame of a compressed one."""
 
     entry: TensorEntry
@@ -132,47 +132,49 @@ class ManifestSource:
     @functools.cached_property
     def stored(self) -> dict[str, StoredTensor]:
         """Every tensor by name with where its bytes are, checked against its shard's header."""
-        headers: dict[str, Any] = {}
+        headers: dict[str, ShardHeader] = {}
         located: dict[str, StoredTensor] = {}
+        path, storage = self.path, self.storage
         for entry in self.manifest.tensors:
             key = self.shard_keys.get(entry.shard)
             if key is None:
                 raise CorruptCheckpointError(
-                    f"Tensor {entry.name!r} in {self.path!r} points to shard {entry.shard!r}, "
+                    f"Tensor {entry.name!r} in {path!r} points to shard {entry.shard!r}, "
                     "which the checkpoint does not list.",
-                    path=self.path,
+                    path=path,
                     key=entry.name,
                 )
-            entry_dtype(entry, path=self.path)  # a dtype this torch has, a size that is its shape's
+            entry_dtype(entry, path=path)  # a dtype this torch has, a size that is its shape's
+            begin, end = entry.offsets
             if entry.shard in self.compressed:
-                if entry.offsets[1] > self.storage.size(key):
+                if end > storage.size(key):
                     raise CorruptCheckpointError(
-                        f"Tensor {entry.name!r} of {self.path!r} lies at bytes {entry.offsets[0]}..{entry.offsets[1]} "
-                        f"of a {self.storage.size(key)}-byte shard; the shard is truncated or the manifest damaged.",
-                        path=self.path,
+                        f"Tensor {entry.name!r} of {path!r} lies at bytes {begin}..{end} of a "
+                        f"{storage.size(key)}-byte shard; the shard is truncated or the manifest damaged.",
+                        path=path,
                         key=entry.name,
                     )
-                located[entry.name] = StoredTensor(entry, key, entry.offsets[0], compressed=True)
+                located[entry.name] = StoredTensor(entry, key, begin, compressed=True)
                 continue
-            if key not in headers:
-                headers[key] = read_header(self.storage, key)
-            header = headers[key]
+            header = headers.get(key)
+            if header is None:
+                header = headers[key] = read_header(storage, key)
             on_disk = header.tensors.get(OBJECT_TENSOR if entry.shard in self.shared else entry.name)
-            if on_disk is None or list(on_disk["data_offsets"]) != list(entry.offsets):
+            if on_disk is None or on_disk.data_offsets != entry.offsets:
                 raise CorruptCheckpointError(
                     f"Tensor {entry.name!r} is described differently by the manifest and by shard "
-                    f"{self.storage.describe(key)!r}; the checkpoint is damaged.",
-                    path=self.storage.describe(key),
+                    f"{storage.describe(key)!r}; the checkpoint is damaged.",
+                    path=storage.describe(key),
                     key=entry.name,
                 )
-            if entry.offsets[1] - entry.offsets[0] != entry.nbytes:
+            if end - begin != entry.nbytes:
                 raise CorruptCheckpointError(
-                    f"Tensor {entry.name!r} in {self.path!r} spans {entry.offsets[1] - entry.offsets[0]} bytes "
+                    f"Tensor {entry.name!r} in {path!r} spans {end - begin} bytes "
                     f"but should hold {entry.nbytes}; the manifest is damaged.",
-                    path=self.path,
+                    path=path,
                     key=entry.name,
                 )
-            located[entry.name] = StoredTensor(entry, key, header.data_start + entry.offsets[0], compressed=False)
+            located[entry.name] = StoredTensor(entry, key, header.data_start + begin, compressed=False)
         return located
 
     # -- mapping ------------------------------------------------------------------------------
@@ -214,7 +216,7 @@ class ManifestSource:
                 own = torch.empty(s.entry.nbytes, dtype=torch.uint8)
                 view = own.numpy().data
                 self.storage.read_into(s.shard_key, s.start, view)
-                mapped.append((dataclasses.replace(s, start=0), view))
+                mapped.append((msgspec.structs.replace(s, start=0), view))
                 continue
             if s.shard_key not in buffers:
                 buffers[s.shard_key] = self.storage.map(s.shard_key)
