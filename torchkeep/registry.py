@@ -12,16 +12,23 @@ Registering takes the lock, picks the next version number from the files,
 writes and verifies the checkpoint, then updates the index: two processes
 registering at once never get the same number and never lose a registration.
 
-The index remembers, for every model, a fingerprint of its files (the names,
-inodes and times of its version folders and alias files). Every read compares
-it with the files first, which costs a directory listing and a ``stat`` per
-entry, never a manifest read: where the index is behind the files (a write
-that stored its files but could not update the index, a disk that filled up,
-a crash in between), or is missing, damaged or cannot be opened (a read-only
-filesystem), reads are answered from a private in-memory index built from the
-files instead, so they always see what the files hold. Every write brings the
-on-disk index back in line with the files, and :meth:`Registry.rebuild_index`
-replaces it outright.
+The index remembers, for every model, a fingerprint of its files: the ``lstat``
+of its folder and of its aliases folder (a version added or removed changes
+them) and of each alias file. Every read compares it with the files first, a
+few ``stat`` calls whatever the number of versions, never a manifest read: where
+the index is behind the files (a write that stored its files but could not
+update the index, a disk that filled up, a crash in between), or is missing,
+damaged or cannot be opened (a read-only filesystem), reads are answered from a
+private in-memory index built from the files instead, so they always see what
+the files hold. The index also keeps the ``lstat`` of each version's manifest,
+and a read checks it for every version it returns, so a manifest changed in
+place is noticed too. Every write brings the on-disk index back in line with
+the files, reading only the versions it has not seen (the folder listing says
+which), and :meth:`Registry.rebuild_index` replaces it outright.
+
+Search conditions are answered by SQL over a table of top-level metadata
+fields (indexed by field and value), which picks the candidates; the exact
+JSON comparison is then made in Python on those few.
 
 A version whose files are damaged, or an alias file that is not a small
 regular file, is left out of listings with a ``RuntimeWarning`` naming it; the
@@ -81,7 +88,9 @@ _ORDERING = ("<", "<=", ">", ">=")
 _LOCK_NAME = ".registry.lock"
 _INDEX_NAME = "index.sqlite"
 _MAX_ALIAS_BYTES = 4096
-_SCHEMA_VERSION = 2
+_SCHEMA_VERSION = 3
+# files: each model's fingerprint; entries: each version folder's manifest stamp (damaged ones too);
+# fields: each version's top-level metadata values, so search runs on an index.
 _SCHEMA = f"""
 CREATE TABLE versions (
     name TEXT NOT NULL, version INTEGER NOT NULL, path TEXT NOT NULL, created TEXT NOT NULL,
@@ -92,9 +101,17 @@ CREATE TABLE aliases (
 CREATE TABLE problems (
     name TEXT NOT NULL, item TEXT NOT NULL, path TEXT NOT NULL, reason TEXT NOT NULL, PRIMARY KEY (name, item));
 CREATE TABLE files (name TEXT PRIMARY KEY, fingerprint TEXT NOT NULL);
+CREATE TABLE entries (
+    name TEXT NOT NULL, version INTEGER NOT NULL, stamp TEXT NOT NULL, PRIMARY KEY (name, version));
+CREATE TABLE fields (
+    name TEXT NOT NULL, version INTEGER NOT NULL, key TEXT NOT NULL, kind TEXT NOT NULL, num REAL, text TEXT,
+    PRIMARY KEY (name, version, key));
+CREATE INDEX fields_by_number ON fields (key, kind, num);
+CREATE INDEX fields_by_text ON fields (key, kind, text);
 PRAGMA user_version = {_SCHEMA_VERSION};
 """
 _EMPTY = "[]"  # the fingerprint of a model with no files
+_V2_TABLES = ["aliases", "files", "problems", "versions"]  # the index of the previous torchkeep
 
 
 def _schema_columns(conn: sqlite3.Connection) -> dict[str, list[tuple[str, str]]]:
@@ -215,7 +232,16 @@ class _Damaged(sqlite3.DatabaseError):
 
 
 class _Outdated(_Damaged):
-    """Internal: an index written by an earlier torchkeep (no version, two tables): replaced without a warning."""
+    """Internal: an index written by an earlier torchkeep (no version, two tables; or schema 2): replaced
+    without a warning."""
+
+
+class _Changed(Exception):
+    """Internal: a version a read was about to return changed on disk since it was indexed."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
 
 
 def _sqlite_kind(exc: sqlite3.Error) -> str:
@@ -294,7 +320,7 @@ def _open_index(path: str, *, immutable: bool = False) -> sqlite3.Connection:
         if _sqlite_kind(exc) == "damaged":
             raise _Damaged(str(exc)) from exc
         raise
-    if version == 0 and sorted(columns) == ["aliases", "versions"]:
+    if (version, sorted(columns)) in ((0, ["aliases", "versions"]), (2, _V2_TABLES)):
         conn.close()
         raise _Outdated("it was written by an earlier torchkeep")
     if version != _SCHEMA_VERSION or columns != _EXPECTED_COLUMNS:
@@ -438,6 +464,67 @@ def _order_key(value: Any) -> tuple[int, Any]:
     if isinstance(value, str):
         return (1, value)
     return (2, json.dumps(value, sort_keys=True))
+
+
+def _kind_of(value: Any) -> str:
+    """The JSON type of a metadata value, as the fields table records it."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "bool"
+    if _is_number(value):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    return "array" if isinstance(value, list) else "object"
+
+
+def _real(value: Any) -> float:
+    """A number as SQLite's REAL: rounded (which keeps the order), a huge int clamped to infinity."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+
+
+def _text(value: str) -> str | None:
+    """A string as SQLite can hold it, or None for one it cannot (a lone surrogate)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return value
+
+
+def _field_rows(name: str, version: int, metadata: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+    """The fields table's rows for one version: its top-level metadata, the key as JSON (any string fits)."""
+    rows = []
+    for key, value in metadata.items():
+        kind = _kind_of(value)
+        num = _real(value) if kind in ("number", "bool") else None
+        text = _text(value) if kind == "string" else None
+        if kind in ("array", "object"):
+            text = json.dumps(value, sort_keys=True)  # ASCII: SQLite orders it as _order_key does
+        rows.append((name, version, json.dumps(key), kind, num, text))
+    return rows
+
+
+def _candidates(field_name: str, op: str, value: Any) -> tuple[str, list[Any]]:
+    """SQL for the ``(name, version)`` of every version that may meet one condition (never fewer than
+    :func:`_matches` accepts: numbers compare as rounded floats, so ``<`` and ``>`` are asked as ``<=``
+    and ``>=``). The key and the value are parameters; the operator is one of :data:`_OPERATORS`."""
+    sql, params = "SELECT name, version FROM fields WHERE key = ?", [json.dumps(field_name)]
+    kind = _kind_of(value)
+    if op == "!=":
+        return sql, params  # any version with the field
+    if kind in ("number", "bool"):
+        loose = {"=": "=", "==": "=", "<": "<=", "<=": "<=", ">": ">=", ">=": ">="}[op]
+        return f"{sql} AND kind = ? AND num {loose} ?", [*params, kind, _real(value)]
+    text = _text(value) if kind == "string" else None
+    if text is not None:
+        exact = "=" if op == "==" else op  # UTF-8 byte order is code point order, as Python compares
+        return f"{sql} AND kind = 'string' AND (text {exact} ? OR text IS NULL)", [*params, text]
+    return f"{sql} AND kind = ?", [*params, kind]  # null, a list, a dict: compared in Python
 
 
 class Registry:
@@ -610,31 +697,35 @@ class Registry:
         return good, bad
 
     def _stamp(self, key: str) -> Any:
-        """What changes when the entry at ``key`` is replaced: its lstat on a disk, a CRC of it in memory."""
+        """What changes when the entry at ``key`` is replaced or written: its lstat on a disk, a CRC in memory."""
         local = self._storage.local_path(key)
         if local is not None:
             st = _lstat(local)
-            return None if st is None else [st.st_mode, st.st_ino, st.st_mtime_ns, st.st_size]
+            if st is None:
+                return None
+            return [st.st_mode, st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_nlink, st.st_size]
         try:
             return zlib.crc32(self._storage.read(key))
         except CheckpointNotFoundError:
             return None
 
+    def _manifest_stamp(self, name: str, version: int) -> str:
+        return json.dumps(self._stamp(f"{self._version_key(name, version)}/{MANIFEST_NAME}"))
+
     def _fingerprint(self, name: str) -> str:
-        """A cheap summary of a model's files that changes whenever a version or an alias does."""
-        folder = self._key("models", name)
-        on_disk = self._storage.local_path(folder) is not None
-        entries: list[Any] = [
-            [
-                entry,
-                self._stamp(f"{folder}/{entry}/{MANIFEST_NAME}"),
-                self._stamp(f"{folder}/{entry}") if on_disk else 0,
-            ]
-            for entry in self._storage.list(folder)
-            if _VERSION_DIR.fullmatch(entry)
-        ]
-        aliases = self._key("models", name, "aliases")
-        entries += [["aliases", a, self._stamp(f"{aliases}/{a}")] for a in self._storage.list(aliases)]
+        """A cheap summary of a model's files that changes whenever a version folder or an alias does.
+
+        On a disk: the lstat of the model's folder and of its aliases folder (adding, removing
+        or renaming an entry changes its times, link count or size), whatever the number of
+        versions. Elsewhere: the names of the version folders.
+        """
+        folder, aliases = self._key("models", name), self._key("models", name, "aliases")
+        if self._storage.local_path(folder) is not None:
+            stamp = self._stamp(folder)
+            head: list[Any] = [] if stamp is None else [stamp, self._stamp(aliases)]
+        else:
+            head = [e for e in self._storage.list(folder) if _VERSION_DIR.fullmatch(e)]
+        entries = head + [["aliases", a, self._stamp(f"{aliases}/{a}")] for a in self._storage.list(aliases)]
         return json.dumps(entries)
 
     def _scan(self, names: Sequence[str] | None) -> dict[str, str]:
@@ -645,33 +736,74 @@ class Registry:
 
     # -- the index: derived from the files --------------------------------------------------
 
-    def _index_model(self, conn: sqlite3.Connection, name: str, fingerprint: str) -> None:
-        """Make the index agree with the files for one model (``fingerprint`` taken before reading them)."""
-        for table in ("versions", "aliases", "problems", "files"):
-            conn.execute(f"DELETE FROM {table} WHERE name = ?", (name,))  # a fixed table name
-        for version in self._file_versions(name):
-            try:
-                v = self._read_version(name, version)
-            except StorageError:
-                raise  # the disk failed: nothing to conclude about the version
-            except TorchkeepError as exc:  # a damaged version stays out; the listings name it
-                where = exc.path or self._storage.describe(self._version_key(name, version))
-                conn.execute("INSERT INTO problems VALUES (?, ?, ?, ?)", (name, f"v{version}", where, str(exc)))
-                continue
-            conn.execute(
-                "INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (name, version, v.path, v.created, v.description, json.dumps(list(v.tags)),
-                 json.dumps(v.metadata), json.dumps(v.lineage)),
-            )  # fmt: skip
+    def _forget(self, conn: sqlite3.Connection, name: str, version: int) -> None:
+        for table in ("versions", "entries", "fields"):
+            conn.execute(f"DELETE FROM {table} WHERE name = ? AND version = ?", (name, version))  # a fixed name
+        conn.execute("DELETE FROM problems WHERE name = ? AND item = ?", (name, f"v{version}"))
+
+    def _index_version(self, conn: sqlite3.Connection, name: str, version: int, stamp: str) -> None:
+        """Add one version's rows (``stamp`` taken before reading it); a damaged one is kept as a problem."""
+        conn.execute("INSERT INTO entries VALUES (?, ?, ?)", (name, version, stamp))
+        try:
+            v = self._read_version(name, version)
+        except StorageError:
+            raise  # the disk failed: nothing to conclude about the version
+        except TorchkeepError as exc:  # a damaged version stays out; the listings name it
+            where = exc.path or self._storage.describe(self._version_key(name, version))
+            conn.execute("INSERT INTO problems VALUES (?, ?, ?, ?)", (name, f"v{version}", where, str(exc)))
+            return
+        conn.execute(
+            "INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (name, version, v.path, v.created, v.description, json.dumps(list(v.tags)),
+             json.dumps(v.metadata), json.dumps(v.lineage)),
+        )  # fmt: skip
+        conn.executemany("INSERT INTO fields VALUES (?, ?, ?, ?, ?, ?)", _field_rows(name, version, v.metadata))
+
+    def _sync_model(self, conn: sqlite3.Connection, name: str, fingerprint: str, *, added: int | None = None) -> None:
+        """Make the index agree with the files for one model (``fingerprint`` taken before reading them).
+
+        With ``added`` (known to be the only new version): indexes just that one. Otherwise lists
+        the versions and reads those that are new or whose manifest's stamp changed (a copied
+        registry: new inodes), and forgets the versions gone.
+        """
+        known: dict[int, str] = {}
+        if added is not None:  # nothing else changed: no listing, no comparing
+            listed = [added]
+        else:
+            known = dict(conn.execute("SELECT version, stamp FROM entries WHERE name = ?", (name,)).fetchall())
+            listed = self._file_versions(name)
+            for version in set(known).difference(listed):
+                self._forget(conn, name, version)
+        for version in listed:
+            stamp = self._manifest_stamp(name, version)
+            if known.get(version) != stamp:
+                self._forget(conn, name, version)
+                self._index_version(conn, name, version, stamp)
+        conn.execute("DELETE FROM aliases WHERE name = ?", (name,))
+        conn.execute("DELETE FROM problems WHERE name = ? AND item GLOB 'aliases/*'", (name,))
         good, bad = self._file_aliases(name)
-        for alias, version in good.items():
-            conn.execute("INSERT INTO aliases VALUES (?, ?, ?)", (name, alias, version))
+        conn.executemany("INSERT INTO aliases VALUES (?, ?, ?)", [(name, a, v) for a, v in good.items()])
         for alias, damage in bad.items():
             conn.execute(
                 "INSERT INTO problems VALUES (?, ?, ?, ?)", (name, f"aliases/{alias}", damage.path or "", str(damage))
             )
+        conn.execute("DELETE FROM files WHERE name = ?", (name,))
         if fingerprint != _EMPTY:
             conn.execute("INSERT INTO files VALUES (?, ?)", (name, fingerprint))
+
+    def _sync(
+        self,
+        conn: sqlite3.Connection,
+        fingerprints: Mapping[str, str],
+        *,
+        every: bool,
+        added: tuple[str, int] | None = None,
+    ) -> None:
+        """Sync every model whose fingerprint changed (``every``: models gone count too); ``added`` as in
+        :meth:`_update_index`."""
+        for name in self._stale(conn, fingerprints, every=every):
+            new = added[1] if added is not None and added[0] == name else None
+            self._sync_model(conn, name, fingerprints.get(name, _EMPTY), added=new)
 
     @staticmethod
     def _stale(conn: sqlite3.Connection, fingerprints: Mapping[str, str], *, every: bool) -> list[str]:
@@ -679,6 +811,12 @@ class Registry:
         stored = dict(conn.execute("SELECT name, fingerprint FROM files").fetchall())
         names = set(fingerprints) | (set(stored) if every else set())
         return sorted(n for n in names if stored.get(n, _EMPTY) != fingerprints.get(n, _EMPTY))
+
+    def _check_current(self, conn: sqlite3.Connection, name: str, version: int) -> None:
+        """Raise :class:`_Changed` when a version's manifest changed on disk since it was indexed."""
+        row = conn.execute("SELECT stamp FROM entries WHERE name = ? AND version = ?", (name, version)).fetchone()
+        if row is None or row[0] != self._manifest_stamp(name, version):
+            raise _Changed(name)
 
     def _private_index(self) -> sqlite3.Connection:
         """The in-memory index (caller holds ``_memory_lock``)."""
@@ -688,20 +826,31 @@ class Registry:
             self._memory_db = conn
         return self._memory_db
 
-    def _query(self, names: Sequence[str] | None, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+    def _answer(self, conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], _T], warn: Sequence[str] | None,
+                warns: bool) -> _T:  # fmt: skip
+        result = fn(conn)  # raises _Changed before any warning is given
+        if warns:
+            self._warn_problems(conn, warn)
+        return result
+
+    def _query(self, names: Sequence[str] | None, fn: Callable[[sqlite3.Connection], _T], *, warn: bool = False) -> _T:
         """Run ``fn`` on an index that agrees with the files of ``names`` (of every model when None).
 
         The on-disk index when it is current; otherwise (missing, damaged, behind the
-        files, or unreadable) the private in-memory one, brought up to date from the files.
+        files, unreadable, or a version ``fn`` returns changed since) the private in-memory
+        one, brought up to date from the files. ``warn``: name the damaged entries of ``names``.
         """
         with _typed("read the registry", self.root):
             fingerprints = self._scan(names)
+            every = names is None
             if self._index_path is not None:
                 conn = self._disk_index_for_reading()
                 if conn is not None:
                     try:
-                        if not self._stale(conn, fingerprints, every=names is None):
-                            return fn(conn)
+                        if not self._stale(conn, fingerprints, every=every):
+                            return self._answer(conn, fn, names, warn)
+                    except _Changed:
+                        pass  # a manifest changed in place: this read uses the files
                     except sqlite3.DatabaseError as exc:
                         if _sqlite_kind(exc) != "damaged":
                             raise
@@ -710,10 +859,19 @@ class Registry:
                         conn.close()
             with self._memory_lock:
                 conn = self._private_index()
-                for name in self._stale(conn, fingerprints, every=names is None):
-                    self._index_model(conn, name, fingerprints.get(name, _EMPTY))
+                self._sync(conn, fingerprints, every=every)
                 conn.commit()
-                return fn(conn)
+                for _ in range(5):  # each round re-reads what changed; only a file changing nonstop goes on
+                    try:
+                        return self._answer(conn, fn, names, warn)
+                    except _Changed as changed:
+                        fingerprint = fingerprints.get(changed.name, _EMPTY)
+                        self._sync_model(conn, changed.name, fingerprint)
+                        conn.commit()
+                raise StorageError(
+                    f"The files of {self.root!r} kept changing while they were read; retry when no one writes them.",
+                    path=self.root,
+                )
 
     def _disk_index_for_reading(self) -> sqlite3.Connection | None:
         """The on-disk index, opened to read, or None when there is none to use (the files answer)."""
@@ -792,21 +950,56 @@ class Registry:
             raise
         return conn
 
-    def _update_index(self) -> None:
-        """Bring the index in line with the files for every model that changed (caller holds the lock)."""
+    def _next_version(self, name: str) -> tuple[int, bool]:
+        """The number the next version of ``name`` gets, one past its largest version folder, and whether
+        the index was current for ``name`` (caller holds the lock). Read from the index when its
+        fingerprint of ``name`` is current, without listing the versions; from the listing otherwise."""
+        fingerprint = self._fingerprint(name)
+        query = (
+            "SELECT MAX(version) FROM entries WHERE name = ? "
+            "AND EXISTS (SELECT 1 FROM files WHERE name = ? AND fingerprint = ?)"
+        )
+        try:
+            if self._index_path is None:
+                with self._memory_lock:
+                    row = self._private_index().execute(query, (name, name, fingerprint)).fetchone()
+            elif _lstat(self._index_path) is not None:
+                conn = _open_index(self._index_path)
+                try:
+                    row = conn.execute(query, (name, name, fingerprint)).fetchone()
+                finally:
+                    conn.close()
+            else:
+                row = None
+        except sqlite3.Error:
+            row = None  # no usable index: the files answer (writing the index later rebuilds it)
+        if row is None or row[0] is None:
+            return max(self._file_versions(name), default=0) + 1, False
+        return int(row[0]) + 1, True
+
+    def _only_added(self, before: list[int] | None, folder: str) -> bool:
+        """Whether one folder was added to ``folder`` since its stamp ``before`` (its link count, where the
+        filesystem counts subfolders): the version just written, so the index needs no listing of it."""
+        after = self._stamp(folder)
+        return bool(before and after and before[1] == after[1] and before[4] >= 2 and after[4] == before[4] + 1)
+
+    def _update_index(self, *, added: tuple[str, int] | None = None) -> None:
+        """Bring the index in line with the files for every model that changed (caller holds the lock).
+
+        ``added``: ``(name, version)`` when that version is all that changed in the folder of ``name``
+        since the index was last current for it (register checked): it is indexed without a listing.
+        """
         fingerprints = self._scan(None)
         if self._index_path is None:
             with self._memory_lock:
                 conn = self._private_index()
-                for name in self._stale(conn, fingerprints, every=True):
-                    self._index_model(conn, name, fingerprints.get(name, _EMPTY))
+                self._sync(conn, fingerprints, every=True, added=added)
                 conn.commit()
             return
         conn = self._open_for_write()
         try:
             with conn:
-                for name in self._stale(conn, fingerprints, every=True):
-                    self._index_model(conn, name, fingerprints.get(name, _EMPTY))
+                self._sync(conn, fingerprints, every=True, added=added)
         finally:
             conn.close()
 
@@ -829,8 +1022,7 @@ class Registry:
             try:
                 conn.executescript(_SCHEMA)
                 with conn:
-                    for name, fingerprint in self._scan(None).items():
-                        self._index_model(conn, name, fingerprint)
+                    self._sync(conn, self._scan(None), every=True)
                 problems = conn.execute("SELECT path, reason FROM problems ORDER BY name, item").fetchall()
                 conn.execute("PRAGMA journal_mode=WAL")  # persistent: every later open uses the WAL
             finally:
@@ -874,8 +1066,7 @@ class Registry:
             with self._memory_lock:
                 self._memory_db = None
                 conn = self._private_index()
-                for name, fingerprint in self._scan(None).items():
-                    self._index_model(conn, name, fingerprint)
+                self._sync(conn, self._scan(None), every=True)
                 conn.commit()
                 problems = conn.execute("SELECT path, reason FROM problems ORDER BY name, item").fetchall()
         else:
@@ -937,7 +1128,9 @@ class Registry:
             self._check_alias(alias)
         state, lineage = self._gather(source)
         with _typed(f"register a version of {name!r} in", self.root), self._locked():
-            version = max(self._file_versions(name), default=0) + 1
+            folder = self._key("models", name)
+            before = self._stamp(folder) if self._storage.local_path(folder) is not None else None
+            version, current = self._next_version(name)
             key = self._version_key(name, version)
             record = {
                 "name": name,
@@ -964,7 +1157,8 @@ class Registry:
                         key=f"{name}/v{version}",
                     ) from exc
             try:
-                self._update_index()
+                only_added = current and self._only_added(before, folder)
+                self._update_index(added=(name, version) if only_added else None)
             except (OSError, sqlite3.Error, TorchkeepError) as exc:
                 raise self._index_after(stored, exc, key=f"{name}/v{version}", advice=again) from exc
         return self.get(name, version)
@@ -1043,25 +1237,28 @@ class Registry:
 
     # -- reading --------------------------------------------------------------------------
 
-    def _warn_problems(self, conn: sqlite3.Connection, name: str | None) -> None:
+    def _warn_problems(self, conn: sqlite3.Connection, names: Sequence[str] | None) -> None:
         sql = "SELECT path, reason FROM problems"
         params: tuple[str, ...] = ()
-        if name is not None:
-            sql, params = sql + " WHERE name = ?", (name,)
+        if names is not None:
+            sql, params = sql + f" WHERE name IN ({', '.join('?' * len(names))})", tuple(names)
         for where, reason in conn.execute(sql + " ORDER BY name, item", params).fetchall():
-            warnings.warn(f"Skipping {where}: {reason}", RuntimeWarning, stacklevel=4)
+            warnings.warn(f"Skipping {where}: {reason}", RuntimeWarning, stacklevel=5)
 
     def models(self) -> list[str]:
         """Every model name with at least one usable version, sorted; damaged entries are skipped with a warning."""
 
         def run(conn: sqlite3.Connection) -> list[str]:
-            self._warn_problems(conn, None)
-            return [row[0] for row in conn.execute("SELECT DISTINCT name FROM versions ORDER BY name")]
+            latest = conn.execute("SELECT name, MAX(version) FROM versions GROUP BY name ORDER BY name").fetchall()
+            for name, version in latest:  # the version that makes each model listed is still what was indexed
+                self._check_current(conn, name, version)
+            return [name for name, _ in latest]
 
-        return self._query(None, run)
+        return self._query(None, run, warn=True)
 
     def _row(self, conn: sqlite3.Connection, row: tuple[Any, ...]) -> ModelVersion:
         name, version, _, created, description, tags, metadata, lineage = row
+        self._check_current(conn, name, version)
         path = self._storage.describe(self._version_key(name, version))  # where this registry sees it now
         aliases = tuple(a for (a,) in conn.execute(
             "SELECT alias FROM aliases WHERE name = ? AND version = ? ORDER BY alias", (name, version)))  # fmt: skip
@@ -1073,11 +1270,10 @@ class Registry:
         _check_name("Model name", name)
 
         def run(conn: sqlite3.Connection) -> list[ModelVersion]:
-            self._warn_problems(conn, name)
             rows = conn.execute("SELECT * FROM versions WHERE name = ? ORDER BY version", (name,)).fetchall()
             return [self._row(conn, row) for row in rows]
 
-        return self._query([name], run)
+        return self._query([name], run, warn=True)
 
     def _damage(self, conn: sqlite3.Connection, name: str, item: str) -> CorruptCheckpointError | None:
         row = conn.execute("SELECT path, reason FROM problems WHERE name = ? AND item = ?", (name, item)).fetchone()
@@ -1127,6 +1323,7 @@ class Registry:
             if row is None:
                 damage = self._damage(conn, name, f"v{number}")
                 if damage is not None:
+                    self._check_current(conn, name, number)  # not repaired in place since
                     raise damage
                 raise CheckpointNotFoundError(f"{name!r} has no version {number} in {self.root!r}.", path=self.root)
             return self._row(conn, row)
@@ -1178,24 +1375,56 @@ class Registry:
         if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 0):
             raise InvalidArgumentError(f"limit must be an int >= 0 or None, not {limit!r}.")
 
-        def run(conn: sqlite3.Connection) -> list[ModelVersion]:
-            self._warn_problems(conn, name)
-            sql = "SELECT * FROM versions"
-            params: tuple[str, ...] = ()
-            if name is not None:
-                sql, params = sql + " WHERE name = ?", (name,)
-            rows = conn.execute(sql + " ORDER BY name, version", params).fetchall()
-            return [self._row(conn, row) for row in rows]
-
-        found = [
-            v for v in self._query(None if name is None else [name], run)
-            if all(_matches(v.metadata, f, op, value) for f, op, value in conditions)
-        ]  # fmt: skip
+        # SQL picks the candidates through the fields index and orders them by the order_by field's
+        # indexed value; _matches and _order_key then decide exactly, on the rows up to the limit.
+        parts = [_candidates(f, op, value) for f, op, value in conditions]
+        sql = f"SELECT v.*, {'o.kind, o.num' if order_by is not None else 'NULL, NULL'} FROM versions v"
+        params: list[Any] = [p for _, part_params in parts for p in part_params]
+        if parts:
+            chosen = " INTERSECT ".join(part for part, _ in parts)
+            sql += f" JOIN ({chosen}) c ON v.name = c.name AND v.version = c.version"
         if order_by is not None:
-            present = [v for v in found if v.metadata.get(order_by) is not None]
-            present.sort(key=lambda v: _order_key(v.metadata[order_by]), reverse=bool(descending))
-            found = present + [v for v in found if v.metadata.get(order_by) is None]
-        return found if limit is None else found[:limit]
+            sql += " LEFT JOIN fields o ON o.name = v.name AND o.version = v.version AND o.key = ?"
+            params.append(json.dumps(order_by))
+        if name is not None:
+            sql += " WHERE v.name = ?"
+        if order_by is not None:
+            way = "DESC" if descending else "ASC"
+            sql += (
+                " ORDER BY o.kind IS NULL OR o.kind = 'null', CASE o.kind WHEN 'string' THEN 1 WHEN 'array' THEN 2 "
+                f"WHEN 'object' THEN 2 ELSE 0 END {way}, o.num {way}, o.text {way}, v.name, v.version"
+            )
+        else:
+            sql += " ORDER BY v.name, v.version"
+
+        def run(conn: sqlite3.Connection) -> list[ModelVersion]:
+            # A string SQLite cannot hold (a lone surrogate) has no text to order by: then order all in Python.
+            unordered = (
+                order_by is not None
+                and conn.execute(
+                    "SELECT 1 FROM fields WHERE key = ? AND kind = 'string' AND text IS NULL LIMIT 1", params[-1:]
+                ).fetchone()
+            )
+            found: list[tuple[Any, ...]] = []
+            last = None
+            for row in conn.execute(sql, [*params, name] if name is not None else params):
+                tie = row[9] if row[8] in ("number", "bool") else None  # numbers tie as rounded floats
+                if limit is not None and len(found) >= limit and not unordered and (tie is None or tie != last):
+                    break
+                if conditions:
+                    meta = json.loads(row[6])
+                    if not all(_matches(meta, f, op, value) for f, op, value in conditions):
+                        continue
+                found.append(row)
+                last = tie
+            if order_by is not None:
+                values = [json.loads(row[6]).get(order_by) for row in found]
+                present = [(v, row) for v, row in zip(values, found, strict=True) if v is not None]
+                present.sort(key=lambda vr: _order_key(vr[0]), reverse=bool(descending))
+                found = [row for _, row in present] + [row for v, row in zip(values, found, strict=True) if v is None]
+            return [self._row(conn, row[:8]) for row in (found if limit is None else found[:limit])]
+
+        return self._query(None if name is None else [name], run, warn=True)
 
     def diff(self, name: str, a: int | str, b: int | str) -> VersionDiff:
         """Compare two versions' tensors: added and removed keys, shape changes, max absolute difference."""
