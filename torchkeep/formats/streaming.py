@@ -4,15 +4,17 @@ Extra memory stays near one tensor, never the whole checkpoint:
 
 - a tensor whose destination is a contiguous CPU tensor of its dtype is read
   with :meth:`Storage.read_into` straight into the destination's memory, on
-  several threads, the checksum updated piece by piece;
+  several threads when there is enough to share, the checksum updated piece by
+  piece; a small one (under 1 MiB) is checked, then copied, out of its shard
+  mapped once;
 - one going to a GPU tensor of its dtype streams in pieces through two pinned
   buffers, reading one while the other copies, several tensors at once;
 - the rest (casts, non-contiguous destinations, compressed frames) go one at
   a time through a single reused staging buffer.
 
-A tensor read straight into its destination lands before its checksum is
-known; on a mismatch the destination holds the damaged bytes and the caller
-is told its key.
+A large tensor read straight into its destination lands before its checksum
+is known; on a mismatch the destination holds the damaged bytes and the
+caller is told its key.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from torchkeep.errors import CorruptCheckpointError
 from torchkeep.formats.compressed import read_compressed
 from torchkeep.integrity import checksum, new_checksum
 from torchkeep.storage import Storage
@@ -35,6 +38,10 @@ if TYPE_CHECKING:
 __all__ = ["CopyJob", "copy_into"]
 
 _PIECE = 4 * 1024 * 1024
+#: Below this a tensor is copied out of its mapped shard; above, read with preadv in pieces.
+_SMALL = 1024 * 1024
+#: Below this much in all, reading on several threads costs more than it gains.
+_PARALLEL_BYTES = 64 * 1024 * 1024
 _GPU_PIECE = 16 * 1024 * 1024
 
 
@@ -99,12 +106,19 @@ def copy_into(storage: Storage, jobs: list[CopyJob], *, verify: bool) -> set[str
     to_gpu = [j for j in jobs if _streamable(j, "cuda")]
     staged = [j for j in jobs if not _streamable(j, "cpu") and not _streamable(j, "cuda")]
     damaged: set[str] = set()
-    if direct:
-        # Largest first, so the threads finish together.
-        direct.sort(key=lambda j: -j.dest.nbytes)
-        workers = min(4, os.cpu_count() or 1, len(direct))
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="torchkeep-load") as pool:
-            damaged.update(k for k in pool.map(lambda j: _read_direct(storage, j, verify), direct) if k)
+    small = [j for j in direct if j.dest.nbytes < _SMALL]
+    large = [j for j in direct if j.dest.nbytes >= _SMALL]
+    if small:
+        damaged.update(_copy_small(storage, small, verify))
+    if large:
+        # Largest first, so the threads finish together; threads only where there is enough to share.
+        large.sort(key=lambda j: -j.dest.nbytes)
+        workers = min(4, os.cpu_count() or 1, len(large))
+        if workers == 1 or sum(j.dest.nbytes for j in large) < _PARALLEL_BYTES:
+            damaged.update(k for k in (_read_direct(storage, j, verify) for j in large) if k)
+        else:
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="torchkeep-load") as pool:
+                damaged.update(k for k in pool.map(lambda j: _read_direct(storage, j, verify), large) if k)
     if to_gpu:
         damaged.update(_copy_all_to_gpu(storage, to_gpu, verify))
     staging = _Staging()
@@ -112,6 +126,34 @@ def copy_into(storage: Storage, jobs: list[CopyJob], *, verify: bool) -> set[str
         for job in staged:
             if not _copy_staged(storage, job, staging, verify):
                 damaged.add(job.key)
+    return damaged
+
+
+def _copy_small(storage: Storage, jobs: list[CopyJob], verify: bool) -> set[str]:
+    """Copy small tensors out of each shard mapped once, checking each before it is copied.
+
+    One mapping per shard instead of a file opened per tensor; a damaged
+    tensor leaves its destination untouched.
+    """
+    damaged = set()
+    mapped: dict[str, memoryview] = {}
+    for job in jobs:
+        source = job.source
+        assert not isinstance(source, torch.Tensor)
+        buffer = mapped.get(source.shard_key)
+        if buffer is None:
+            buffer = mapped[source.shard_key] = storage.map(source.shard_key)
+        stored = buffer[source.start : source.start + source.entry.nbytes]
+        if len(stored) != source.entry.nbytes:
+            raise CorruptCheckpointError(
+                f"{storage.describe(source.shard_key)!r} ends before the bytes of {job.key!r}; it was truncated.",
+                path=storage.describe(source.shard_key),
+                key=job.key,
+            )
+        if verify and source.entry.checksum and checksum(stored) != source.entry.checksum:
+            damaged.add(job.key)
+            continue
+        _bytes_of(job.dest)[:] = stored
     return damaged
 
 
