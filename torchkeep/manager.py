@@ -221,8 +221,13 @@ class _Committer:
         open_native(self.run.storage, job.key).stored  # noqa: B018 - checking, not using
         record = self.run.remember(step, manifest)
         protect = frozenset({step})  # even when older steps than the newest are saved again
-        records = self.run.records()
+        # What this writer knows tells whether anything goes, without listing the directory; before deleting,
+        # it is listed again, so that a checkpoint removed behind the writer's back (rm) never counts as kept.
+        records = self.run.records(relist=False)
         doomed = steps_to_delete(records, self.policy, monitor=self.monitor, mode=self.mode, protect=protect)
+        if doomed:
+            records = self.run.records()
+            doomed = steps_to_delete(records, self.policy, monitor=self.monitor, mode=self.mode, protect=protect)
         if doomed and self.keep_best and not any(self.monitor in r.metrics for r in records):
             warnings.warn(
                 f"No checkpoint in {self.run.storage.describe(self.run.prefix)!r} has the metric "
@@ -233,6 +238,7 @@ class _Committer:
             doomed = []
         for old in doomed:
             self.run.storage.delete(self.run.key(old))  # an atomic rename first: never half-deleted and listed
+            self.run.forget(old)
         self.objects.sweep()
         return record
 
@@ -282,7 +288,9 @@ class CheckpointManager:
     :meth:`delete`, retention) takes the directory's writer lock; it is held
     until :meth:`close`, the end of a ``with`` block, or the manager being
     garbage collected (or its process ending). A second live writer gets
-    :class:`DirectoryLockedError` naming the holder's pid and host. Not
+    :class:`DirectoryLockedError` naming the holder's pid and host. While it
+    holds the lock, the manager trusts its own records and re-reads no
+    manifest on a save (see :mod:`torchkeep.run_directory`). Not
     thread-safe: call one manager from one thread.
 
     Example:
@@ -383,6 +391,7 @@ class CheckpointManager:
         finally:
             self._finalizer.detach()
             self._held.release()
+            self._run.hold(False)
 
     def wait(self) -> CheckpointRecord | None:
         """Wait for the save in flight, if any; return its record or re-raise its failure."""
@@ -396,6 +405,7 @@ class CheckpointManager:
             self._held.lock = FolderLock(
                 self._run.storage, self._run.prefix, name=_LOCK_NAME, blocking=False, holder="another CheckpointManager"
             )
+            self._run.hold(True)  # only this manager changes the directory now: its records need no re-reading
 
     @property
     def staging_bytes(self) -> int:
@@ -551,6 +561,7 @@ class CheckpointManager:
         if not self._run.storage.exists(key):
             raise CheckpointNotFoundError(f"{self.directory!r} has no checkpoint of step {step}.", path=self.directory)
         self._run.storage.delete(key)
+        self._run.forget(step)
         self._objects.sweep()
 
     # -- listing --------------------------------------------------------------------------
