@@ -10,9 +10,9 @@ Two shapes of state at each count N:
 Each point saves durably (fsync included for every tool), loads back touching
 every tensor once, and loads into an existing module (``load_into`` against
 ``safetensors.torch.load_model``). Prints seconds (median of --repeat),
-torchkeep's ratio to the faster of the others, and torchkeep's extra private
-memory at its peak during save and load (RssAnon growth; tensors mapped from
-the page cache are not private).
+torchkeep's ratio to the faster of the others, and each tool's extra private
+memory at its peak during save and load (RssAnon growth, sampled every 2 ms;
+tensors mapped from the page cache are not private).
 
     python benchmarks/bench_scale.py --counts 10 1000 10000 100000 --shapes small mixed
 """
@@ -156,12 +156,17 @@ def point(root: str, count: int, shape: str, repeat: int) -> None:
         for name, into in INTO.items():
             path = os.path.join(root, INTO_FILES[name])
             intos[name].append(timed(lambda into=into, path=path: into(model, path)))  # type: ignore[misc]
-    tk = os.path.join(root, "tk")
-    remove(tk)
-    with PrivatePeak() as saving:
-        torchkeep.save(state, tk)
-    with PrivatePeak() as loading:
-        touch(torchkeep.load(tk))
+    saving, loading = {}, {}
+    for name, save in SAVES.items():
+        path = os.path.join(root, FILES[name])
+        remove(path)
+        with PrivatePeak() as peak:
+            save(state, path)
+        saving[name] = peak.peak
+    for name, load in LOADS.items():
+        with PrivatePeak() as peak:
+            load(os.path.join(root, LOAD_FILES[name]))
+        loading[name] = peak.peak
     total = sum(t.nbytes for t in state.values())
     med = {k: statistics.median(v) for k, v in {**saves, **loads, **intos}.items() if k != "torchkeep"}
     tk_save, tk_load = statistics.median(saves["torchkeep"]), statistics.median(loads["torchkeep"])
@@ -172,7 +177,8 @@ def point(root: str, count: int, shape: str, repeat: int) -> None:
         f"{shape:>6} {len(state):>7} {total / MiB:8.1f} | save {tk_save:7.3f} {best_save:7.3f} "
         f"{tk_save / best_save:5.2f}x | load {tk_load:7.3f} {best_load:7.3f} {tk_load / best_load:5.2f}x | "
         f"into {med['torchkeep load_into']:7.3f} {med['safetensors load_model']:7.3f} {into_ratio:5.2f}x | "
-        f"private MiB save {saving.peak / MiB:6.1f} load {loading.peak / MiB:6.1f}",
+        f"private MiB save {'/'.join(f'{v / MiB:.0f}' for v in saving.values())} "
+        f"load {'/'.join(f'{v / MiB:.0f}' for v in loading.values())}",
         flush=True,
     )
 
@@ -187,7 +193,7 @@ def main() -> None:
     try:
         print(f"median of {args.repeat}; machine: {os.cpu_count()} cores; seconds: torchkeep, best other, ratio")
         print(f"{'shape':>6} {'tensors':>7} {'MiB':>8} | save (vs torch.save/safetensors + fsync) | load "
-              "(vs torch.load/safetensors) | into (vs safetensors load_model) | torchkeep private peak")  # fmt: skip
+              "(vs torch.load/safetensors) | into (vs load_model) | private peak: torchkeep/torch/st")  # fmt: skip
         for shape in args.shapes:
             for count in args.counts:
                 point(root, count, shape, args.repeat)

@@ -45,7 +45,7 @@ from torchkeep.errors import (
     UnsupportedFormatError,
     UnsupportedObjectError,
 )
-from torchkeep.integrity import CHECKSUM_ALGORITHM, checksum
+from torchkeep.integrity import CHECKSUM_ALGORITHM, checksum, new_checksum
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MANIFEST_NAME", "Manifest", "ShardEntry", "TensorEntry", "utc_now"]
 
@@ -196,10 +196,12 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True):
         out: dict[str, Any] = msgspec.to_builtins(self)
         return out
 
-    def to_bytes(self) -> bytes:
+    def to_bytes(self) -> bytes | bytearray:
         """The manifest as written; refuses one that readers would refuse as too large."""
+        raw: bytes | bytearray
+        buffer = bytearray()
         try:
-            body = _ENCODER.encode(self)
+            _ENCODER.encode_into(self, buffer)  # into one buffer, sealed in place: no copy of a large manifest
         except UnicodeEncodeError:
             # A lone surrogate in a str of the tree: only JSON's escapes can hold it, which the
             # older, slower form uses (every reader reads both).
@@ -207,7 +209,7 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True):
             data[MANIFEST_CHECKSUM] = _canonical_checksum(data)
             raw = json.dumps(data, ensure_ascii=True, allow_nan=False).encode("ascii")
         else:
-            raw = b'%s,"%s":"%s"}' % (body[:-1], MANIFEST_DIGEST.encode(), checksum(body).encode())
+            raw = seal(buffer)
         if len(raw) > MAX_MANIFEST_BYTES:
             raise UnsupportedObjectError(
                 f"The manifest would be {len(raw)} bytes, over the {MAX_MANIFEST_BYTES}-byte limit that "
@@ -232,20 +234,26 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True):
         tail = _DIGEST_TAIL.search(raw, max(0, len(raw) - 64))
         if tail is None:
             return _from_older(raw, path)
-        body = raw[: tail.start()] + b"}"
-        if checksum(body) != tail.group(1).decode("ascii"):
+        # The body is the bytes before the digest member, closed again by "}"; read in place, not copied.
+        end = tail.start()
+        body = memoryview(raw)[:end]
+        digest = new_checksum()
+        digest.update(body)
+        digest.update(b"}")
+        if digest.hexdigest() != tail.group(1).decode("ascii"):
             raise _damaged(path)
         try:
-            manifest = _DECODER.decode(body)
+            manifest = _DECODER.decode(raw)  # the digest member is no field of the struct, so it is passed over
         except msgspec.ValidationError as exc:
-            _check_header(msgspec.json.decode(body), path)  # a newer format fails here, more helpfully
+            _check_header(msgspec.json.decode(raw), path)  # a newer format fails here, more helpfully
             raise CorruptCheckpointError(f"The manifest of {path!r} is damaged: {exc}.", path=path) from exc
         except (msgspec.DecodeError, RecursionError) as exc:
             raise CorruptCheckpointError(f"The manifest of {path!r} is not valid JSON ({exc}).", path=path) from exc
-        if _ENCODER.encode(manifest) != body:
+        again = _ENCODER.encode(manifest)
+        if len(again) != end + 1 or memoryview(again)[:end] != body:
             # Decoding keeps the last of two equal keys, so the bytes re-encode differently.
             try:
-                strict_json(body)
+                strict_json(bytes(body) + b"}")
                 why = "it is not in the form torchkeep writes (an unknown field, or spacing)"
             except ValueError as exc:
                 why = str(exc)
@@ -284,9 +292,13 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True):
 _ENCODER = msgspec.json.Encoder(order="sorted")
 
 
-def seal(body: bytes) -> bytes:
-    """A JSON object's bytes closed by their digest, as a manifest is written."""
-    return b'%s,"%s":"%s"}' % (body[:-1], MANIFEST_DIGEST.encode(), checksum(body).encode())
+def seal(body: bytes | bytearray) -> bytearray:
+    """A JSON object's bytes closed by their digest, as a manifest is written (a bytearray is sealed in place)."""
+    sealed = body if isinstance(body, bytearray) else bytearray(body)
+    digest = checksum(sealed)
+    del sealed[-1]
+    sealed += b',"%s":"%s"}' % (MANIFEST_DIGEST.encode(), digest.encode())
+    return sealed
 
 
 def encode_sorted(data: Any) -> bytes:

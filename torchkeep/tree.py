@@ -59,7 +59,7 @@ def _covered_bytes(t: torch.Tensor) -> int:
     return span * t.element_size()
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class ArrayLeaf:
     """One tensor or numpy array found in a tree, under its unique name."""
 
@@ -83,7 +83,8 @@ class _Encoder:
         self.leaves: list[ArrayLeaf] = []
         self.text_bytes = 0  # JSON bytes of the str and bytes values, to refuse an oversized manifest early
         self._names: set[str] = set()
-        self._by_view: dict[tuple[object, ...], str] = {}
+        # Tensors seen so far by the address of their storage; most have a storage of their own.
+        self._by_storage: dict[int, list[tuple[torch.Tensor, str]]] = {}
         self._active: set[int] = set()
 
     def name_for(self, parts: list[object]) -> str:
@@ -216,22 +217,26 @@ class _Encoder:
                 "or call .contiguous() first if the full copy is what you mean.",
             )
         node: dict[str, Any] = {"t": "tensor"}
-        # Two places hold the same tensor only if every view property matches, the lazy
-        # conjugate and negative bits included (c and c.conj() share storage and strides).
-        view = (obj.untyped_storage().data_ptr(), obj.storage_offset(), *obj.shape, *obj.stride(),
-                obj.dtype, str(obj.device), obj.dim(), obj.is_conj(), obj.is_neg())  # fmt: skip
-        shared = self._by_view.get(view) if obj.numel() else None
+        shared = self.tied(obj) if obj.numel() else None
         if shared is None:
             shared = self.name_for(parts)
             self.leaves.append(ArrayLeaf(shared, obj))
             if obj.numel():
-                self._by_view[view] = shared
+                self._by_storage.setdefault(obj.untyped_storage().data_ptr(), []).append((obj, shared))
         node["name"] = shared
         if type(obj) is torch.nn.Parameter:
             node["parameter"] = True
         if obj.requires_grad:
             node["requires_grad"] = True
         return node
+
+    def tied(self, obj: torch.Tensor) -> str | None:
+        """The name of a tensor seen before that is the very same view as ``obj`` (tied weights), if any."""
+        seen = self._by_storage.get(obj.untyped_storage().data_ptr())
+        if seen is None:
+            return None
+        key = _view_key(obj)
+        return next((name for other, name in seen if _view_key(other) == key), None)
 
     def array(self, obj: Any, parts: list[object]) -> dict[str, Any]:
         if not self.numpy_ok:
@@ -268,6 +273,13 @@ class _Encoder:
             what + ", and torchkeep saves tensors, arrays, containers and plain values without pickle",
             "Save its state_dict() or convert it to a dict/list of supported values.",
         )
+
+
+def _view_key(t: torch.Tensor) -> tuple[object, ...]:
+    """Two places hold the same tensor only if every view property matches, the lazy conjugate and
+    negative bits included (c and c.conj() share storage and strides)."""
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), *t.shape, *t.stride(),
+            t.dtype, str(t.device), t.dim(), t.is_conj(), t.is_neg())  # fmt: skip
 
 
 def encode_tree(obj: Any, *, numpy_ok: bool = True, in_manifest: bool = True) -> tuple[Any, list[ArrayLeaf]]:

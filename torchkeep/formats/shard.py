@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any, BinaryIO, Literal
 
@@ -45,7 +45,7 @@ _CODE_SIZES = {
 }  # fmt: skip
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class PlannedTensor:
     """A leaf with its dtype, shape and byte size worked out, before any data is copied."""
 
@@ -108,14 +108,13 @@ def leaf_bytes(value: torch.Tensor | np.ndarray) -> memoryview:
     """The bytes of a tensor or array as a flat buffer; copies only what is not already plain CPU memory."""
     if isinstance(value, torch.Tensor):
         t = value.detach()
-        if t.is_conj():
-            t = t.resolve_conj()
-        if t.is_neg():
-            t = t.resolve_neg()
+        if t.is_conj() or t.is_neg():
+            t = t.resolve_conj().resolve_neg()
         if t.device.type != "cpu":
             t = t.cpu()
-        t = t.contiguous()
-        return t.reshape(-1).view(torch.uint8).numpy().data
+        if not t.is_contiguous():
+            t = t.contiguous()
+        return t.view(-1).view(torch.uint8).numpy().data
     arr = np.ascontiguousarray(value)
     return arr.reshape(-1).view(np.uint8).data
 
@@ -139,6 +138,30 @@ def _header_bytes(planned: list[PlannedTensor], offsets: list[tuple[int, int]], 
     return len(raw).to_bytes(8, "little") + raw
 
 
+#: Tensors smaller than this are gathered into writes of about this size: one system call each, not one per tensor.
+_GATHER_BYTES = 1024 * 1024
+#: Below this much data, checksums are taken before writing rather than on a thread beside it.
+_THREADED_BYTES = 4 * 1024 * 1024
+
+
+def _gathered(buffers: list[memoryview]) -> Iterator[memoryview | bytearray]:
+    """The buffers in order, small neighbours copied together into one (large ones pass as they are)."""
+    pending = bytearray()
+    for data in buffers:
+        if data.nbytes >= _GATHER_BYTES:
+            if pending:
+                yield pending
+                pending = bytearray()
+            yield data
+            continue
+        pending += data
+        if len(pending) >= _GATHER_BYTES:
+            yield pending
+            pending = bytearray()
+    if pending:
+        yield pending
+
+
 def write_shard(
     f: BinaryIO,
     planned: list[PlannedTensor],
@@ -147,14 +170,15 @@ def write_shard(
 ) -> tuple[list[TensorEntry], int]:
     """Write ``planned`` (already in layout order) as one safetensors file.
 
-    Checksums are taken from the very buffers that are then written, so data is
-    never copied for writing. ``metadata`` may be a function of the finished
+    Checksums are taken from the very buffers that are then written; only small
+    tensors are copied, gathered into writes of about 1 MiB. ``metadata`` may be a function of the finished
     entries, for a header that must carry the checksums.
 
     Returns:
         The manifest entries of the tensors and the file's size in bytes.
     """
-    buffers = [leaf_bytes(p.leaf.value) for p in planned]
+    with paused_gc():  # one short-lived view per tensor, none in a cycle
+        buffers = [leaf_bytes(p.leaf.value) for p in planned]
     spans = []
     position = 0
     for p in planned:
@@ -175,7 +199,13 @@ def write_shard(
         entries = entries_with([checksum(b) for b in buffers])
         header = _header_bytes(planned, spans, metadata(entries))
         f.write(header)
-        for data in buffers:
+        for data in _gathered(buffers):
+            f.write(data)
+    elif position < _THREADED_BYTES:  # a thread would cost more than it saves
+        entries = entries_with([checksum(b) for b in buffers])
+        header = _header_bytes(planned, spans, metadata or {})
+        f.write(header)
+        for data in _gathered(buffers):
             f.write(data)
     else:
         # Checksums are computed on another thread while the same buffers are written
@@ -189,7 +219,7 @@ def write_shard(
         try:
             header = _header_bytes(planned, spans, metadata or {})
             f.write(header)
-            for data in buffers:
+            for data in _gathered(buffers):
                 f.write(data)
         finally:
             hasher.join()

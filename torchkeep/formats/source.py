@@ -390,17 +390,31 @@ _PARALLEL_BYTES = 64 * 1024 * 1024
 
 
 def checksums(views: list[memoryview], tally: Tally | None = None) -> list[str]:
-    """Checksums of many buffers, on several threads when there is enough to gain (xxhash drops the GIL)."""
+    """Checksums of many buffers, on several threads when there is enough to gain (xxhash drops the GIL).
 
-    def one(view: memoryview) -> str:
-        digest = checksum(view)
-        if tally is not None:
-            tally.add(view.nbytes)
-        return digest
+    Threads take runs of neighbouring buffers of about equal bytes, not one
+    buffer each, so many small tensors do not cost a task apiece.
+    """
+
+    def run(batch: list[memoryview]) -> list[str]:
+        digests = []
+        for view in batch:
+            digests.append(checksum(view))
+            if tally is not None:
+                tally.add(view.nbytes)
+        return digests
 
     total = sum(v.nbytes for v in views)
     workers = min(4, os.cpu_count() or 1)
     if total < _PARALLEL_BYTES or workers == 1:
-        return [one(v) for v in views]
+        return run(views)
+    batches: list[list[memoryview]] = [[]]
+    size, share = 0, total / (4 * workers)
+    for view in views:
+        if size >= share:
+            batches.append([])
+            size = 0
+        batches[-1].append(view)
+        size += view.nbytes
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="torchkeep-verify") as pool:
-        return list(pool.map(one, views))
+        return [digest for batch in pool.map(run, batches) for digest in batch]
