@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -89,3 +90,31 @@ def reseal(manifest: dict[str, Any]) -> bytes:
 
     manifest = {k: v for k, v in manifest.items() if k not in (MANIFEST_DIGEST, MANIFEST_CHECKSUM)}
     return seal(encode_sorted(manifest))
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A real S3 endpoint (moto's server on 127.0.0.1), with the standard AWS environment pointing at it."""
+    import os
+
+    from tests.s3 import ACCESS, moto_endpoint
+
+    saved = {k: os.environ.get(k) for k in (*ACCESS, "AWS_ENDPOINT_URL")}
+    with moto_endpoint() as url:
+        os.environ.update(ACCESS, AWS_ENDPOINT_URL=url)
+        try:
+            yield url
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint: str) -> str:
+    """``s3://BUCKET`` of a new, empty bucket."""
+    from tests.s3 import new_bucket
+
+    return f"s3://{new_bucket(s3_endpoint)}"

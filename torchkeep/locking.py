@@ -1,4 +1,5 @@
-"""Exclusive locks on a storage folder: an ``flock`` on a local disk, a process-wide lock in memory.
+"""Exclusive locks on a storage folder: an ``flock`` on a local disk, a lease object in an object store,
+a process-wide lock in memory.
 
 The kernel releases an ``flock`` when its process dies, so a killed writer
 never leaves a folder locked.
@@ -17,6 +18,7 @@ import os
 import socket
 import stat
 import threading
+from typing import Any
 
 from torchkeep.errors import DirectoryLockedError, StorageError
 from torchkeep.storage import Storage
@@ -44,8 +46,14 @@ class FolderLock:
     ) -> None:
         self._fd: int | None = None
         self._memory: threading.Lock | None = None
+        self._lease: Any = None
         local = storage.local_path(prefix)
         where = storage.describe(prefix)
+        if type(storage).__name__ == "ObjectStorage":
+            from torchkeep.storage.objectstore import Lease
+
+            self._lease = Lease(storage, prefix, name, blocking=blocking, holder=holder)  # type: ignore[arg-type]
+            return
         if local is None:
             with _memory_guard:
                 lock = _memory_locks.setdefault((id(storage), f"{prefix}/{name}"), threading.Lock())
@@ -96,6 +104,9 @@ class FolderLock:
         if self._memory is not None:
             self._memory.release()
             self._memory = None
+        if self._lease is not None:
+            self._lease.release()
+            self._lease = None
 
 
 def _open_lock_file(path: str) -> int:

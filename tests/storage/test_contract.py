@@ -9,10 +9,15 @@ import pytest
 
 import torchkeep
 from torchkeep.storage import LocalStorage, MemoryStorage, Storage
+from torchkeep.storage.objectstore import ObjectStorage
 
 
-@pytest.fixture(params=["local", "memory"])
+@pytest.fixture(params=["local", "memory", "s3"])
 def storage(request: Any, tmp_path: Any) -> Iterator[Storage]:
+    if request.param == "s3":
+        bucket = request.getfixturevalue("s3_bucket")
+        yield ObjectStorage("s3", bucket.removeprefix("s3://") + "/root")
+        return
     yield LocalStorage(tmp_path / "root") if request.param == "local" else MemoryStorage()
 
 
