@@ -111,7 +111,9 @@ def proxy_to(upstream: str) -> Iterator[Proxy]:
                 payload = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
                 self.send_response(503)
                 self.send_header("Content-Length", str(len(payload)))
+                self.send_header("Connection", "close")
                 self.end_headers()
+                self.close_connection = True
                 self.wfile.write(payload)
                 with state._lock:
                     state.seen.append(Seen(self.command, self.path, self.headers.get("Range"), 503, 0))
@@ -127,7 +129,8 @@ def proxy_to(upstream: str) -> Iterator[Proxy]:
             for key, value in response.getheaders():
                 if key.lower() not in ("transfer-encoding", "content-length", "connection"):
                     self.send_header(key, value)
-            self.send_header("Content-Length", str(len(data)))
+            length = response.getheader("Content-Length") if self.command == "HEAD" else None
+            self.send_header("Content-Length", length or str(len(data)))
             self.end_headers()
             if self.command != "HEAD":
                 self.wfile.write(data)

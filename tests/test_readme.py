@@ -17,8 +17,15 @@ def test_readme_has_examples() -> None:
 
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
-def test_readme_example_runs(index: int, tmp_path: Any, monkeypatch: Any, capsys: Any) -> None:
+def test_readme_example_runs(index: int, tmp_path: Any, monkeypatch: Any, capsys: Any, request: Any) -> None:
     monkeypatch.chdir(tmp_path)
+    if "s3://my-bucket" in BLOCKS[index]:  # the object-store example: a local S3 server with that bucket
+        import boto3
+
+        endpoint = request.getfixturevalue("s3_endpoint")
+        client = boto3.client("s3", endpoint_url=endpoint)
+        if "my-bucket" not in [b["Name"] for b in client.list_buckets()["Buckets"]]:
+            client.create_bucket(Bucket="my-bucket")
     exec(compile(BLOCKS[index], f"README.md example {index + 1}", "exec"), {"__name__": "readme"})
     out = capsys.readouterr().out
     for expected in re.findall(r"print\(.*?\)\s+# -> (.+)", BLOCKS[index]):  # "# -> X": X is printed

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -40,6 +41,8 @@ __all__ = ["CopyJob", "copy_into"]
 _PIECE = 4 * 1024 * 1024
 #: Below this a tensor is copied out of its mapped shard; above, read with preadv in pieces.
 _SMALL = 1024 * 1024
+#: Off a local disk, neighbouring small tensors at most this far apart are fetched in one read.
+_GAP = 256 * 1024
 #: Below this much in all, reading on several threads costs more than it gains.
 _PARALLEL_BYTES = 64 * 1024 * 1024
 _GPU_PIECE = 16 * 1024 * 1024
@@ -130,31 +133,62 @@ def copy_into(storage: Storage, jobs: list[CopyJob], *, verify: bool) -> set[str
 
 
 def _copy_small(storage: Storage, jobs: list[CopyJob], verify: bool) -> set[str]:
-    """Copy small tensors out of each shard mapped once, checking each before it is copied.
+    """Copy small tensors out of their shards, checking each before it is copied.
 
-    One mapping per shard instead of a file opened per tensor; a damaged
-    tensor leaves its destination untouched.
+    On a local disk each shard is mapped once instead of a file opened per
+    tensor; elsewhere (an object store) neighbouring tensors are fetched
+    together, one ranged read per run of them, and nothing else of the shard
+    is read. A damaged tensor leaves its destination untouched.
     """
     damaged = set()
+    for key, start, data, members in _spans(storage, jobs):
+        for job in members:
+            source = job.source
+            assert not isinstance(source, torch.Tensor)
+            offset = source.start - start
+            stored = data[offset : offset + source.entry.nbytes]
+            if len(stored) != source.entry.nbytes:
+                raise CorruptCheckpointError(
+                    f"{storage.describe(key)!r} ends before the bytes of {job.key!r}; it was truncated.",
+                    path=storage.describe(key),
+                    key=job.key,
+                )
+            if verify and source.entry.checksum and checksum(stored) != source.entry.checksum:
+                damaged.add(job.key)
+                continue
+            _bytes_of(job.dest)[:] = stored
+    return damaged
+
+
+def _spans(storage: Storage, jobs: list[CopyJob]) -> Iterator[tuple[str, int, memoryview, list[CopyJob]]]:
+    """``(shard key, first byte, bytes, jobs)`` for runs of neighbouring tensors, in file order."""
+    ordered = sorted(jobs, key=lambda j: (j.source.shard_key, j.source.start))  # type: ignore[union-attr]
     mapped: dict[str, memoryview] = {}
-    for job in jobs:
+    run: list[CopyJob] = []
+
+    def flush() -> Iterator[tuple[str, int, memoryview, list[CopyJob]]]:
+        first, last = run[0].source, run[-1].source
+        assert not isinstance(first, torch.Tensor) and not isinstance(last, torch.Tensor)
+        key, begin, end = first.shard_key, first.start, last.start + last.entry.nbytes
+        if storage.local_path(key) is not None:
+            if key not in mapped:
+                mapped[key] = storage.map(key)
+            yield key, 0, mapped[key], list(run)
+        else:
+            yield key, begin, memoryview(storage.read(key, begin, end - begin)), list(run)
+
+    for job in ordered:
         source = job.source
         assert not isinstance(source, torch.Tensor)
-        buffer = mapped.get(source.shard_key)
-        if buffer is None:
-            buffer = mapped[source.shard_key] = storage.map(source.shard_key)
-        stored = buffer[source.start : source.start + source.entry.nbytes]
-        if len(stored) != source.entry.nbytes:
-            raise CorruptCheckpointError(
-                f"{storage.describe(source.shard_key)!r} ends before the bytes of {job.key!r}; it was truncated.",
-                path=storage.describe(source.shard_key),
-                key=job.key,
-            )
-        if verify and source.entry.checksum and checksum(stored) != source.entry.checksum:
-            damaged.add(job.key)
-            continue
-        _bytes_of(job.dest)[:] = stored
-    return damaged
+        if run:
+            last = run[-1].source
+            assert not isinstance(last, torch.Tensor)
+            if last.shard_key != source.shard_key or source.start - (last.start + last.entry.nbytes) > _GAP:
+                yield from flush()
+                run = []
+        run.append(job)
+    if run:
+        yield from flush()
 
 
 def _read_direct(storage: Storage, job: CopyJob, verify: bool) -> str | None:

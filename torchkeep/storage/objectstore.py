@@ -101,7 +101,8 @@ def _precondition_failed(exc: BaseException) -> bool:
     while seen is not None:
         if isinstance(seen, FileExistsError):
             return True
-        code = getattr(seen, "response", {}).get("Error", {}).get("Code") if hasattr(seen, "response") else None
+        response = getattr(seen, "response", None)
+        code = response.get("Error", {}).get("Code") if isinstance(response, dict) else None
         if code in ("PreconditionFailed", "ConditionalRequestConflict") or "pre-condition" in str(seen):
             return True
         seen = seen.__cause__ or seen.__context__
@@ -143,6 +144,7 @@ class ObjectStorage:
         self.root = root.strip("/")
         self.fs = fs if fs is not None else open_filesystem(protocol, storage_options)
         self._generations: dict[str, str] = {}  # entry key -> the generation its marker named when last read
+        self._infos: dict[str, dict[str, Any]] = {}  # physical path of a generation's object -> its info
         self._lock = threading.Lock()
         self._swept: set[str] = set()
 
@@ -180,19 +182,19 @@ class ObjectStorage:
                 ) from exc
         raise AssertionError("unreachable")
 
-    def _marker(self, key: str) -> dict[str, Any] | None:
-        """The commit marker at ``key`` if the object there is one (None: no object, or a plain object)."""
+    def _marker(self, key: str, *, etag: bool = False) -> dict[str, Any] | None:
+        """The commit marker at ``key`` if the object there is one (None: no object, or a plain object).
+
+        One ranged GET; with ``etag``, the marker's ETag is looked up too (for a conditional replace).
+        """
+        if not key:
+            return None
+        physical = self._physical(key)
         try:
-            info = self._call("look at", key, lambda: self.fs.info(self._physical(key)))
+            raw = self._call("read", key, lambda: self.fs.cat_file(physical, start=0, end=_MAX_MARKER_BYTES + 1))
         except CheckpointNotFoundError:
-            return None
-        if info.get("type") != "file" or int(info.get("size") or 0) > _MAX_MARKER_BYTES:
-            return None
-        try:
-            raw = self._call("read", key, lambda: self.fs.cat_file(self._physical(key)))
-        except CheckpointNotFoundError:
-            return None
-        if not raw.startswith(b'{"' + _MARKER_KEY.encode()):
+            return None  # nothing there, or a folder rather than an object
+        if len(raw) > _MAX_MARKER_BYTES or not raw.startswith(b'{"' + _MARKER_KEY.encode()):
             return None
         try:
             marker = json.loads(raw)
@@ -200,7 +202,9 @@ class ObjectStorage:
             raise CorruptCheckpointError(f"The commit marker {self.describe(key)!r} is damaged.") from None
         if not isinstance(marker, dict) or not isinstance(marker.get("generation"), str):
             raise CorruptCheckpointError(f"The commit marker {self.describe(key)!r} is damaged.")
-        marker["etag"] = info.get("ETag") or info.get("etag")
+        if etag:
+            info = self.info(key) or {}
+            marker["etag"] = info.get("ETag") or info.get("etag")
         return marker
 
     def _data_prefix(self, entry: str, generation: str) -> str:
@@ -228,6 +232,8 @@ class ObjectStorage:
         try:
             return self._call(action, key, lambda: read(self._physical(self._locate(key))))
         except CheckpointNotFoundError:
+            with self._lock:
+                self._infos.clear()
             return self._call(action, key, lambda: read(self._physical(self._locate(key, fresh=True))))
 
     # -- reading ---------------------------------------------------------------------------
@@ -235,7 +241,14 @@ class ObjectStorage:
     def exists(self, key: str) -> bool:
         if not key:
             return True
-        physical = self._physical(self._locate(key))
+        located = self._locate(key)
+        if located != key:  # an object of an entry's generation
+            try:
+                self._read_located("look at", key, self._info_of)
+                return True
+            except CheckpointNotFoundError:
+                return False
+        physical = self._physical(key)
         return bool(self._call("look at", key, lambda: self.fs.exists(physical)))
 
     def is_dir(self, key: str) -> bool:
@@ -261,8 +274,20 @@ class ObjectStorage:
         out = {name.rstrip("/").rsplit("/", 1)[-1] for name in names}
         return sorted(n for n in out if n and not n.startswith(".tk-"))
 
+    def _info_of(self, physical: str) -> dict[str, Any]:
+        """``fs.info`` of an object; remembered for objects of a generation, which never change once written."""
+        with self._lock:
+            known = self._infos.get(physical)
+        if known is not None:
+            return known
+        info = dict(self.fs.info(physical))
+        if f"/{DATA}/" in f"/{physical}":
+            with self._lock:
+                self._infos[physical] = info
+        return info
+
     def size(self, key: str) -> int:
-        return int(self._read_located("look at", key, lambda p: self.fs.size(p)))
+        return int(self._read_located("look at", key, lambda p: self._info_of(p)["size"]))
 
     def read(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
         end = None if length is None else offset + max(length, 0)
@@ -440,7 +465,7 @@ class _ObjectTransaction(TransactionBase):
         self._done = False
         self._wrote_single = False
         # The entry as this write found it: the commit succeeds only if it is still so (optimistic concurrency).
-        self._previous = storage._marker(key) if directory else None
+        self._previous = storage._marker(key, etag=True) if directory else None
 
     def open(self, name: str = "") -> BinaryIO:
         if self._done:
@@ -511,13 +536,30 @@ class _ObjectTransaction(TransactionBase):
                 storage._remove_tree(storage._data_prefix(self.key, self._generation))
 
 
+def _abandoned(lease: dict[str, Any]) -> bool:
+    """A lease past its expiry, or held by a process of this host that has ended."""
+    if not isinstance(lease.get("expires"), (int, float)) or lease["expires"] < time.time():
+        return True
+    pid = lease.get("pid")
+    if lease.get("host") != socket.gethostname() or type(pid) is not int or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
 class Lease:
     """An exclusive, expiring lock object ``.tk-lease-NAME`` in a folder of an object store.
 
     Taken with a create-if-absent write; renewed by a background thread every
     third of ``ttl`` with a write conditional on its own ETag; given back by
     deleting it. A holder that dies stops renewing, and its lease may be taken
-    over once expired: an object store has no process to notice the death.
+    over once expired (an object store has no process to notice the death), or
+    at once by a process of the same host when the holder's process is gone.
 
     Raises (on construction):
         DirectoryLockedError: another live holder has it (and ``blocking`` is False).
@@ -540,7 +582,7 @@ class Lease:
                 break
             except CheckpointExistsError:
                 current = self._read()
-                if current is not None and current[0].get("expires", 0) < time.time():
+                if current is not None and _abandoned(current[0]):
                     try:  # expired: take it over, unless someone else just did
                         self._write(etag=current[1])
                         break

@@ -1,0 +1,255 @@
+"""torchkeep on a real S3 endpoint (moto's server on 127.0.0.1): the same guarantees as on a local disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import torchkeep
+from tests.conftest import assert_same
+from tests.s3 import Proxy, proxy_to
+from torchkeep.storage import objectstore, resolve
+from torchkeep.storage.objectstore import ObjectStorage
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def state(seed: int = 0) -> dict[str, object]:
+    g = torch.Generator().manual_seed(seed)
+    return {"w": torch.randn(64, 32, generator=g), "b": torch.randn(32, generator=g), "step": seed}
+
+
+@pytest.fixture
+def proxy(s3_endpoint: str) -> Iterator[Proxy]:
+    with proxy_to(s3_endpoint) as p:
+        yield p
+
+
+def through(proxy: Proxy, bucket: str, folder: str = "run") -> ObjectStorage:
+    """The bucket's ``folder`` reached through the proxy, so that its requests are seen (and failed on demand)."""
+    return ObjectStorage("s3", f"{bucket.removeprefix('s3://')}/{folder}", storage_options={"endpoint_url": proxy.url})
+
+
+def objects(bucket: str) -> list[str]:
+    storage, _ = resolve(f"{bucket}/x")
+    assert isinstance(storage, ObjectStorage)
+    return sorted(storage.fs.find(storage.root.split("/")[0]))
+
+
+def test_save_load_verify_inspect_and_load_into(s3_bucket: str) -> None:
+    for url in (f"{s3_bucket}/run/native", f"{s3_bucket}/run/one.safetensors"):
+        torchkeep.save(state(1), url, metadata={"epoch": 3})
+        assert_same(torchkeep.load(url), state(1))
+        assert torchkeep.verify(url).tensors == 2
+        assert torchkeep.inspect(url).metadata == {"epoch": 3}
+    target = nn.Linear(32, 64)
+    torchkeep.save(nn.Linear(32, 64).state_dict(), f"{s3_bucket}/run/linear")
+    assert torchkeep.load_into(target, f"{s3_bucket}/run/linear").ok
+
+
+def test_a_replaced_entry_is_whole_and_its_old_generation_goes(s3_bucket: str) -> None:
+    url = f"{s3_bucket}/run/a"
+    torchkeep.save(state(1), url)
+    torchkeep.save(state(2), url)
+    assert_same(torchkeep.load(url), state(2))
+    generations = {name.split("/")[-2] for name in objects(s3_bucket) if "/.tk-data/" in name}
+    assert len(generations) == 1  # the first one was removed after the marker moved
+
+
+def test_a_damaged_object_is_found_by_its_checksum(s3_bucket: str) -> None:
+    url = f"{s3_bucket}/run/a"
+    torchkeep.save(state(1), url)
+    storage, _ = resolve(url)
+    assert isinstance(storage, ObjectStorage)
+    shard = next(name for name in objects(s3_bucket) if name.endswith("data-00000.safetensors"))
+    data = bytearray(storage.fs.cat_file(shard))
+    data[-5] ^= 0xFF
+    storage.fs.pipe_file(shard, bytes(data))
+    with pytest.raises(torchkeep.ChecksumMismatchError):
+        torchkeep.load(url)
+
+
+KILLED_WRITER = """
+import sys, time, torch, torchkeep
+from torchkeep.storage import objectstore
+url, flag = sys.argv[1], sys.argv[2]
+manager = torchkeep.CheckpointManager(url)
+manager.save(1, model={"w": torch.ones(4)})
+def stall(self):
+    open(flag, "w").close()
+    time.sleep(600)  # killed here: every object uploaded, the marker not yet written
+objectstore._ObjectTransaction.commit = stall
+manager.save(2, model={"w": torch.full((1 << 20,), 2.0)})
+"""
+
+
+def test_a_writer_killed_before_its_commit_leaves_nothing_listed(
+    s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url, flag = f"{s3_bucket}/ckpts", tmp_path / "uploading"
+    child = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, url, str(flag)], cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 60
+        while not flag.exists():
+            assert child.poll() is None and time.monotonic() < deadline, "the writer never started uploading"
+            time.sleep(0.05)
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.wait()
+    assert any("/.tk-data/step-00000002/" in name for name in objects(s3_bucket))  # its upload had begun
+    manager = torchkeep.CheckpointManager(url)
+    assert [r.step for r in manager.list()] == [1]
+    model = {"w": torch.zeros(4)}
+    assert manager.restore(model=model).step == 1 and torch.equal(model["w"], torch.ones(4))
+    # The next writer removes the abandoned upload once it is older than the grace period.
+    monkeypatch.setattr(objectstore, "STALE_AFTER_S", 0.0)
+    manager.save(3, model={"w": torch.ones(4)})
+    manager.close()
+    assert not any("/.tk-data/step-00000002/" in name for name in objects(s3_bucket))
+    assert [r.step for r in torchkeep.CheckpointManager(url).list()] == [1, 3]
+
+
+RACER = """
+import sys, time, os, json, torch
+from torchkeep.storage import resolve
+from torchkeep.errors import CheckpointExistsError
+url, me, folder = sys.argv[1], sys.argv[2], sys.argv[3]
+storage, key = resolve(url)
+txn = storage.begin(key, directory=True)
+with txn.open("manifest.json") as f:
+    f.write(me.encode())
+open(os.path.join(folder, me), "w").close()
+while len(os.listdir(folder)) < 2:  # both have uploaded before either commits
+    time.sleep(0.01)
+try:
+    txn.commit()
+    print(json.dumps({"me": me, "won": True}))
+except CheckpointExistsError as err:
+    print(json.dumps({"me": me, "won": False, "error": str(err)}))
+"""
+
+
+def test_two_writers_racing_for_one_entry_exactly_one_commits(s3_bucket: str, tmp_path: Path) -> None:
+    url = f"{s3_bucket}/run/step-00000007"
+    folder = tmp_path / "ready"
+    folder.mkdir()
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", RACER, url, me, str(folder)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+        )
+        for me in ("a", "b")
+    ]
+    results = [json.loads(child.communicate(timeout=120)[0]) for child in children]
+    winners = [r["me"] for r in results if r["won"]]
+    assert len(winners) == 1, results
+    loser = next(r for r in results if not r["won"])
+    assert "another writer" in loser["error"]
+    storage, key = resolve(url)
+    assert storage.read(f"{key}/manifest.json") == winners[0].encode()
+    assert storage.list("") == ["step-00000007"]
+
+
+def test_load_into_one_tensor_reads_only_its_range(s3_bucket: str, proxy: Proxy) -> None:
+    storage = through(proxy, s3_bucket)
+    big = torch.randn(4 << 20)  # 16 MiB
+    torchkeep.save({"big": big, "small": torch.arange(16.0)}, "ckpt", storage=storage)
+    proxy.seen.clear()
+    target = nn.ParameterDict({"small": torch.zeros(16)})
+    report = torchkeep.load_into(target, "ckpt", storage=storage, strict=False)
+    assert report.unexpected == ["big"] and torch.equal(target["small"].detach(), torch.arange(16.0))
+    fetched = sum(s.body_bytes for s in proxy.seen if s.method == "GET" and "data-00000" in s.path)
+    assert 0 < fetched < 64 * 1024, f"{fetched} bytes of the shard were fetched for one 64-byte tensor"
+
+
+@pytest.mark.parametrize("kind", ["503", "reset"])
+def test_transient_failures_are_retried_and_the_save_succeeds(s3_bucket: str, proxy: Proxy, kind: str) -> None:
+    storage = through(proxy, s3_bucket)
+    proxy.fail(4, kind, method="PUT")
+    torchkeep.save(state(3), "ckpt", storage=storage)
+    proxy.fail(3, kind, method="GET")
+    assert_same(torchkeep.load("ckpt", storage=storage), state(3))
+    if kind == "503":
+        assert sum(s.status == 503 for s in proxy.seen) == 7
+
+
+def test_a_failed_precondition_is_not_retried(s3_bucket: str, proxy: Proxy) -> None:
+    storage = through(proxy, s3_bucket)
+    first, second = (storage.begin("step-1", directory=True) for _ in range(2))
+    for txn in (first, second):
+        with txn.open("manifest.json") as f:
+            f.write(b"{}")
+    first.commit()
+    proxy.seen.clear()
+    with pytest.raises(torchkeep.CheckpointExistsError, match="another writer"):
+        second.commit()
+    marker_puts = [s for s in proxy.seen if s.method == "PUT" and s.path.split("?")[0].endswith("/run/step-1")]
+    assert [s.status for s in marker_puts] == [412]
+    assert storage.list("") == ["step-1"]
+
+
+def test_a_second_writer_is_refused_while_the_lease_is_held(s3_bucket: str) -> None:
+    url = f"{s3_bucket}/ckpts"
+    first = torchkeep.CheckpointManager(url)
+    first.save(1, model={"w": torch.ones(2)})
+    second = torchkeep.CheckpointManager(url)
+    with pytest.raises(torchkeep.DirectoryLockedError, match=rf"pid {os.getpid()} on host"):
+        second.save(2, model={"w": torch.ones(2)})
+    assert [r.step for r in second.list()] == [1]  # reading needs no lock
+    first.close()
+    second.save(2, model={"w": torch.ones(2)})
+    second.close()
+
+
+def test_an_expired_lease_of_a_dead_holder_is_taken_over(s3_bucket: str) -> None:
+    url = f"{s3_bucket}/ckpts"
+    storage, key = resolve(url)
+    assert isinstance(storage, ObjectStorage)
+    dead = {"holder": "gone", "host": "elsewhere", "pid": 1, "expires": time.time() - 1}
+    storage.put_if(f"{key}/.tk-lease-torchkeep.lock", json.dumps(dead).encode(), absent=True)
+    manager = torchkeep.CheckpointManager(url)
+    manager.save(1, model={"w": torch.ones(2)})
+    manager.close()
+    assert [r.step for r in torchkeep.CheckpointManager(url).list()] == [1]
+
+
+def test_async_saves_upload_in_the_background(s3_bucket: str) -> None:
+    model = nn.Linear(8, 8)
+    with torchkeep.CheckpointManager(f"{s3_bucket}/ckpts", async_save=True, keep_last=2) as manager:
+        for step in range(1, 5):
+            manager.save(step, model=model)
+        record = manager.wait()
+    assert record is not None and record.step == 4
+    fresh = nn.Linear(8, 8)
+    restored = torchkeep.CheckpointManager(f"{s3_bucket}/ckpts")
+    assert [r.step for r in restored.list()] == [3, 4]
+    restored.restore(model=fresh)
+    assert_same(fresh.state_dict(), model.state_dict())
+
+
+def test_urls_name_a_key_and_unknown_schemes_list_the_known_ones() -> None:
+    with pytest.raises(torchkeep.InvalidArgumentError, match="BUCKET/KEY"):
+        resolve("s3://bucket-only")
+    with pytest.raises(torchkeep.InvalidArgumentError, match=r"known schemes: .*s3://"):
+        resolve("nosuch://bucket/key")
+
+
+def test_credentials_never_appear_in_errors(s3_bucket: str, proxy: Proxy) -> None:
+    secret = "sekrit-value-123"
+    storage = ObjectStorage(
+        "s3", f"{s3_bucket.removeprefix('s3://')}/run",
+        storage_options={"endpoint_url": proxy.url, "key": "testing", "secret": secret},
+    )  # fmt: skip
+    proxy.fail(50, "503")
+    with pytest.raises(torchkeep.StorageError) as err:
+        torchkeep.save(state(1), "ckpt", storage=storage)
+    assert secret not in str(err.value) and secret not in repr(err.value)
