@@ -35,9 +35,19 @@ def proxy(s3_endpoint: str) -> Iterator[Proxy]:
         yield p
 
 
-def through(proxy: Proxy, bucket: str, folder: str = "run") -> ObjectStorage:
-    """The bucket's ``folder`` reached through the proxy, so that its requests are seen (and failed on demand)."""
-    return ObjectStorage("s3", f"{bucket.removeprefix('s3://')}/{folder}", storage_options={"endpoint_url": proxy.url})
+def through(proxy: Proxy, bucket: str, folder: str = "run", *, client_retries: bool = True) -> ObjectStorage:
+    """The bucket's ``folder`` reached through the proxy, so that its requests are seen (and failed on demand).
+
+    Without ``client_retries`` the client (s3fs, botocore) tries each request once, so that any retry seen is
+    torchkeep's own.
+    """
+    options: dict[str, object] = {"endpoint_url": proxy.url}
+    if not client_retries:
+        options["config_kwargs"] = {"retries": {"max_attempts": 1, "mode": "standard"}}
+    storage = ObjectStorage("s3", f"{bucket.removeprefix('s3://')}/{folder}", storage_options=options)
+    if not client_retries:
+        storage.fs.retries = 1  # s3fs's own retry count is an attribute, not an option
+    return storage
 
 
 def objects(bucket: str) -> list[str]:
@@ -173,7 +183,7 @@ def test_load_into_one_tensor_reads_only_its_range(s3_bucket: str, proxy: Proxy)
 
 @pytest.mark.parametrize("kind", ["503", "reset"])
 def test_transient_failures_are_retried_and_the_save_succeeds(s3_bucket: str, proxy: Proxy, kind: str) -> None:
-    storage = through(proxy, s3_bucket)
+    storage = through(proxy, s3_bucket, client_retries=False)
     proxy.fail(4, kind, method="PUT")
     torchkeep.save(state(3), "ckpt", storage=storage)
     proxy.fail(3, kind, method="GET")

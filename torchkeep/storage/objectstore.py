@@ -67,6 +67,8 @@ STALE_AFTER_S = 3600.0
 _MARKER_KEY = "torchkeep-entry"
 _MAX_MARKER_BYTES = 4096
 _PIECE = 16 * 1024 * 1024
+#: An object up to this size is sent in one PUT (kept in memory until then); a larger one in parts.
+_SINGLE_PUT = 64 * 1024 * 1024
 _PARALLEL = 8
 _ATTEMPTS = 6
 
@@ -109,16 +111,34 @@ def _precondition_failed(exc: BaseException) -> bool:
     return False
 
 
+_TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
+                    "InternalError", "ServiceUnavailable", "503", "500", "502", "504"}  # fmt: skip
+_TRANSIENT_WORDS = ("slow down", "slowdown", "reduce your request rate", "throttl", "service unavailable",
+                    "internal error", "connection", "reset by peer", "timed out", "timeout", "broken pipe",
+                    "temporarily", "server disconnected")  # fmt: skip
+
+
 def _transient(exc: BaseException) -> bool:
-    """Worth another try: throttling, a server error, a dropped or reset connection."""
+    """Worth another try: throttling, a server error, a dropped or reset connection (anywhere in the chain)."""
     if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
         return False
     if _precondition_failed(exc) or isinstance(exc, TorchkeepError):
         return False
-    text = f"{type(exc).__name__} {exc}".lower()
-    markers = ("slowdown", "throttl", "503", "500", "502", "504", "internalerror", "serviceunavailable",
-               "connection", "reset", "timeout", "timed out", "broken pipe", "temporarily")  # fmt: skip
-    return isinstance(exc, (ConnectionError, TimeoutError)) or any(m in text for m in markers)
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, (ConnectionError, TimeoutError)):
+            return True
+        response = getattr(seen, "response", None)
+        if isinstance(response, dict):
+            code = str(response.get("Error", {}).get("Code", ""))
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in _TRANSIENT_CODES or (isinstance(status, int) and status >= 500):
+                return True
+        text = f"{type(seen).__name__} {seen}".lower()
+        if any(word in text for word in _TRANSIENT_WORDS):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 class ObjectStorage:
@@ -417,30 +437,73 @@ def _generation_time(generation: str) -> float:
 
 
 class _Upload(io.RawIOBase):
-    """A writable file whose bytes go to one object; the object is published whole when it is closed."""
+    """A writable file whose bytes go to one object; the object is published whole when it is closed.
+
+    Up to :data:`_SINGLE_PUT` bytes are kept and sent in one PUT, which can be
+    retried as a whole. A larger object streams through the filesystem's own
+    multipart upload, whose parts the client retries; a failed upload is not
+    retried from here (its state is the client's), it fails the save. Either
+    way the object's size is checked once it is closed.
+    """
 
     def __init__(self, storage: ObjectStorage, key: str) -> None:
         super().__init__()
         self._storage = storage
         self._key = key
-        self._file = storage._call(
-            "write", key, lambda: storage.fs.open(storage._physical(key), "wb", block_size=_PIECE), writing=True
-        )
+        self._physical = storage._physical(key)
+        self._buffer = bytearray()
+        self._file: Any = None
+        self._written = 0
 
     def writable(self) -> bool:
         return True
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
-        self._storage._call("write", self._key, lambda: self._file.write(view), writing=True)
+        self._written += len(view)
+        if self._file is None and len(self._buffer) + len(view) <= _SINGLE_PUT:
+            self._buffer += view
+            return len(view)
+        try:
+            if self._file is None:
+                self._file = self._storage.fs.open(self._physical, "wb", block_size=_PIECE)
+                self._file.write(self._buffer)
+                self._buffer = bytearray()
+            self._file.write(view)
+        except Exception as exc:
+            raise self._failed(exc) from exc
         return len(view)
 
+    def _failed(self, exc: BaseException) -> StorageError:
+        where = self._storage.describe(self._key)
+        return StorageError(
+            f"Could not upload {where!r}: {type(exc).__name__}: {exc}. Nothing was published.", path=where
+        )
+
     def close(self) -> None:
-        if not self.closed:
-            try:
-                self._storage._call("write", self._key, self._file.close, writing=True)
-            finally:
-                super().close()
+        if self.closed:
+            return
+        try:
+            if self._file is None:
+                data = bytes(self._buffer)
+                self._storage._call(
+                    "write", self._key, lambda: self._storage.fs.pipe_file(self._physical, data), writing=True
+                )
+            else:
+                try:
+                    self._file.close()
+                except Exception as exc:
+                    raise self._failed(exc) from exc
+            info = self._storage._call("look at", self._key, lambda: self._storage.fs.info(self._physical))
+            if int(info.get("size", -1)) != self._written:
+                raise StorageError(
+                    f"{self._storage.describe(self._key)!r} holds {info.get('size')} bytes after its upload, not the "
+                    f"{self._written} written; nothing was published.",
+                    path=self._storage.describe(self._key),
+                )
+        finally:
+            self._buffer = bytearray()
+            super().close()
 
     def discard(self) -> None:
         """Give up the upload: nothing is published."""
@@ -449,6 +512,7 @@ class _Upload(io.RawIOBase):
             if discard is not None:
                 with contextlib.suppress(Exception):  # best effort, on a path that is failing already
                     discard()
+            self._buffer = bytearray()
             io.RawIOBase.close(self)
 
 
