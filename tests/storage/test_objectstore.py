@@ -263,3 +263,13 @@ def test_credentials_never_appear_in_errors(s3_bucket: str, proxy: Proxy) -> Non
     with pytest.raises(torchkeep.StorageError) as err:
         torchkeep.save(state(1), "ckpt", storage=storage)
     assert secret not in str(err.value) and secret not in repr(err.value)
+
+
+def test_an_upload_that_stored_fewer_bytes_fails_the_save(s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    storage, key = resolve(f"{s3_bucket}/run/a")
+    assert isinstance(storage, ObjectStorage)
+    pipe = storage.fs.pipe_file
+    monkeypatch.setattr(storage.fs, "pipe_file", lambda path, data, **kw: pipe(path, data[:-1], **kw))
+    with pytest.raises(torchkeep.StorageError, match="after its upload"):
+        torchkeep.save(state(1), key, storage=storage)
+    assert storage.list("") == []
