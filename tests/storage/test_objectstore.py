@@ -193,7 +193,7 @@ def test_transient_failures_are_retried_and_the_save_succeeds(s3_bucket: str, pr
 
 
 def test_a_failed_precondition_is_not_retried(s3_bucket: str, proxy: Proxy) -> None:
-    storage = through(proxy, s3_bucket)
+    storage = through(proxy, s3_bucket, client_retries=False)
     first, second = (storage.begin("step-1", directory=True) for _ in range(2))
     for txn in (first, second):
         with txn.open("manifest.json") as f:
