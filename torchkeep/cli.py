@@ -447,10 +447,8 @@ def scan(paths: Sequence[str], as_json: bool) -> None:
 
     Files that hold no pickle (safetensors, native checkpoints) are reported as such: they cannot run code.
     """
-    from torchkeep.scan import scan_file
-
     plain = [path for path in paths if _holds_no_pickle(path)]
-    results = [scan_file(path) for path in paths if path not in plain]
+    results = [_scan(path) for path in paths if path not in plain]
     if as_json:
         _emit([{"path": path, "ok": True, "pickles": 0, "errors": [], "findings": [], "pickle_free": True}
                for path in plain]
@@ -473,15 +471,45 @@ def scan(paths: Sequence[str], as_json: bool) -> None:
         sys.exit(EXIT_CHANGED)
 
 
+def _is_url(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def _scan(path: str) -> Any:
+    """Scan a local file, or a copy of an object in a store (the report names the URL)."""
+    import dataclasses
+    import tempfile
+
+    from torchkeep.scan import scan_file
+
+    if not _is_url(path):
+        return scan_file(path)
+    storage, key = resolve(path)
+    with tempfile.TemporaryDirectory(prefix="torchkeep-scan-") as folder:
+        copy = os.path.join(folder, os.path.basename(key))
+        with open(copy, "wb") as f:
+            f.write(storage.read(key))
+        return dataclasses.replace(scan_file(copy), path=path)
+
+
 def _holds_no_pickle(path: str) -> bool:
     """A native checkpoint directory or a safetensors file: formats that hold no pickle at all."""
-    if os.path.isdir(path):
+    if _is_url(path):
+        try:
+            storage, key = resolve(path)
+            if storage.is_dir(key):
+                return storage.exists(join_key(key, "manifest.json"))
+            head = storage.read(key, 0, 9)
+        except TorchkeepError:
+            return False
+    elif os.path.isdir(path):
         return os.path.isfile(os.path.join(path, "manifest.json"))
-    try:
-        with open(path, "rb") as f:
-            head = f.read(9)
-    except OSError:
-        return False
+    else:
+        try:
+            with open(path, "rb") as f:
+                head = f.read(9)
+        except OSError:
+            return False
     return len(head) == 9 and head[8:9] == b"{" and 1 < int.from_bytes(head[:8], "little") < 100 * 2**20
 
 
@@ -519,6 +547,8 @@ def plot(directory: str, out_path: str | None, monitor: str | None, mode: str, a
     ax.set_xlabel("step")
     ax.set_title(f"checkpoints in {directory}")
     ax.legend()
+    if out_path is None and _is_url(directory):
+        raise click.UsageError(f"{directory} is not on this machine's disk: give a local file with --out")
     target = out_path or os.path.join(directory, "metrics.png")
     # Written beside the target under a new name (never through a link or a planted file), then
     # renamed over it: a link at the target is replaced itself, its target never written.

@@ -6,11 +6,23 @@ Layout under the root (the files are the source of truth; the index is derived):
     models/NAME/v2/              version's record (metadata, tags, description, lineage)
     models/NAME/aliases/ALIAS    {"version": 2} (written atomically; may move)
     index.sqlite                 SQLite (WAL) index for queries, rebuilt from the files when missing
-    .registry.lock               serializes writers across processes
+    .registry.lock               serializes writers across processes (a lease object on an object store)
+
+On an object store (``s3://bucket/reg``) the index is a local cache instead:
+``registry-<hash of the URL>.sqlite`` in ``$TORCHKEEP_CACHE_DIR``, else
+``$XDG_CACHE_HOME/torchkeep``, else ``~/.cache/torchkeep`` (or ``cache_dir=``).
+It is checked against the store exactly as a local index is checked against
+the files (below), refreshed from the store by the read that finds it behind,
+and written under a lock of its own on the local disk, so a reader never takes
+the store's lease. The store stays the truth: the cache only saves re-reading
+what has not changed.
 
 Registering takes the lock, picks the next version number from the files,
 writes and verifies the checkpoint, then updates the index: two processes
 registering at once never get the same number and never lose a registration.
+On an object store the version's commit marker is also created only if absent
+(a conditional put): should two writers still pick one number (a lease lost
+to expiry), the second moves on to the next free number.
 
 The index remembers, for every model, a fingerprint of its files: the ``lstat``
 of its folder and of its aliases folder (a version added or removed changes
@@ -40,6 +52,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import math
 import os
@@ -59,6 +72,7 @@ from torch import nn
 
 from torchkeep.compare import compare_tensors, flatten_tensors
 from torchkeep.errors import (
+    CheckpointExistsError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
     InvalidArgumentError,
@@ -73,7 +87,7 @@ from torchkeep.model_loading import load_into
 from torchkeep.report import LoadReport
 from torchkeep.retention import CheckpointRecord
 from torchkeep.saving import save
-from torchkeep.storage import Storage, resolve
+from torchkeep.storage import LocalStorage, MemoryStorage, Storage, resolve
 
 __all__ = ["ModelVersion", "Registry", "VersionDiff"]
 
@@ -88,6 +102,9 @@ _ORDERING = ("<", "<=", ">", ">=")
 _LOCK_NAME = ".registry.lock"
 _INDEX_NAME = "index.sqlite"
 _MAX_ALIAS_BYTES = 4096
+_CACHE_ENV = "TORCHKEEP_CACHE_DIR"
+# How many taken numbers register skips before giving up (each one another writer's commit, seen).
+_MAX_VERSION_TRIES = 1000
 _SCHEMA_VERSION = 3
 # files: each model's fingerprint; entries: each version folder's manifest stamp (damaged ones too);
 # fields: each version's top-level metadata values, so search runs on an index.
@@ -111,6 +128,18 @@ CREATE INDEX fields_by_text ON fields (key, kind, text);
 PRAGMA user_version = {_SCHEMA_VERSION};
 """
 _EMPTY = "[]"  # the fingerprint of a model with no files
+
+
+def _version_number(folder: str) -> int:
+    match = _VERSION_DIR.fullmatch(folder)
+    return int(match.group(1)) if match else 0
+
+
+def _version_names(fingerprint: str) -> list[str]:
+    """The version folders a fingerprint of a store without local paths lists (its leading strings)."""
+    return sorted((e for e in json.loads(fingerprint) if isinstance(e, str)), key=_version_number)
+
+
 _V2_TABLES = ["aliases", "files", "problems", "versions"]  # the index of the previous torchkeep
 
 
@@ -527,13 +556,35 @@ def _candidates(field_name: str, op: str, value: Any) -> tuple[str, list[Any]]:
     return f"{sql} AND kind = ?", [*params, kind]  # null, a list, a dict: compared in Python
 
 
+def cache_folder() -> str:
+    """Where remote registries keep their index caches: ``$TORCHKEEP_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/torchkeep``, else ``~/.cache/torchkeep``."""
+    explicit = os.environ.get(_CACHE_ENV)
+    if explicit:
+        return os.path.abspath(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(os.path.abspath(base), "torchkeep")
+
+
+def _cache_name(url: str) -> str:
+    """The cache file of the registry at ``url``: one per URL, named by its hash (credentials never in it)."""
+    return f"registry-{hashlib.sha256(url.encode('utf-8', 'surrogatepass')).hexdigest()[:32]}.sqlite"
+
+
 class Registry:
     """Named, versioned model releases in a directory.
 
     Args:
         root: the registry's directory (created when first written): a path or a
-            URL (``file://``, ``memory://STORE/KEY``), as :func:`torchkeep.load` takes.
+            URL (``file://``, ``memory://STORE/KEY``, ``s3://BUCKET/PATH``), as
+            :func:`torchkeep.load` takes.
         storage: keep it in this storage instead, with ``root`` as the folder key.
+        cache_dir: where the index cache of a registry on an object store is kept
+            (default: :func:`cache_folder`); unused for a local or memory registry.
+
+    On an object store, registering takes a lease object on the store for a
+    few requests' time; reads take no lock on the store. Two processes (or
+    machines) may register at once: each version gets its own number.
 
     Reads work on a registry that cannot be written (a read-only filesystem or
     mount): the index is opened read-only, or replaced by one built in memory
@@ -546,16 +597,32 @@ class Registry:
         >>> registry.load_into(model, "classifier", "production")
     """
 
-    def __init__(self, root: str | os.PathLike[str], *, storage: Storage | None = None) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        storage: Storage | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
         self._storage, self._prefix = resolve(root, storage)
         self.root = self._storage.describe(self._prefix)
         local = self._storage.local_path(self._prefix)
         self._local = local
-        # None: the storage is not a local disk, and the index lives only in memory.
+        # None: the index lives only in memory (a memory storage, or no usable cache folder).
         self._index_path = os.path.join(local, _INDEX_NAME) if local is not None else None
+        # On an object store (any storage with no local path that is not in memory): a local cache.
+        self._cache = local is None and not isinstance(self._storage, MemoryStorage)
+        if self._cache:
+            folder = os.path.abspath(os.fspath(cache_dir)) if cache_dir is not None else cache_folder()
+            try:
+                os.makedirs(folder, exist_ok=True)
+            except OSError:
+                self._cache = False  # no cache here: the in-memory index answers, from the store
+            else:
+                self._index_path = os.path.join(folder, _cache_name(self.root))
         self._memory_db: sqlite3.Connection | None = None  # the private index: built from the files
         self._memory_lock = threading.RLock()
-        if self._index_path is not None:
+        if self._index_path is not None and not self._cache:
             # Rebuilt on open when missing; a registry that cannot be written is read from its files.
             with contextlib.suppress(StorageError), _typed("open the registry index", self._index_path):
                 if _lstat(self._index_path) is None:
@@ -572,6 +639,22 @@ class Registry:
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         lock = FolderLock(self._storage, self._prefix, name=_LOCK_NAME, blocking=True)
+        try:
+            yield
+        finally:
+            lock.release()
+
+    @contextlib.contextmanager
+    def _index_locked(self) -> Iterator[None]:
+        """The lock for writing the index file: the registry's own beside its files, or, for a cache,
+        an ``flock`` beside the cache file (never the store's lease: reading must not write the store)."""
+        if not self._cache:
+            with self._locked():
+                yield
+            return
+        assert self._index_path is not None
+        folder, name = os.path.split(self._index_path)
+        lock = FolderLock(LocalStorage(folder), "", name=f".{name}.lock", blocking=True, holder="another reader")
         try:
             yield
         finally:
@@ -844,6 +927,8 @@ class Registry:
             fingerprints = self._scan(names)
             every = names is None
             if self._index_path is not None:
+                if self._cache:
+                    self._refresh_cache(fingerprints, every=every)
                 conn = self._disk_index_for_reading()
                 if conn is not None:
                     try:
@@ -872,6 +957,30 @@ class Registry:
                     f"The files of {self.root!r} kept changing while they were read; retry when no one writes them.",
                     path=self.root,
                 )
+
+    def _refresh_cache(self, fingerprints: Mapping[str, str], *, every: bool) -> None:
+        """Bring the index cache of a remote registry in line with the store for the models of
+        ``fingerprints`` (taken from the store just before). A cache that cannot be written is left
+        as it is: the caller then finds it behind and answers from the store."""
+        conn = self._disk_index_for_reading()
+        if conn is not None:
+            try:
+                if not self._stale(conn, fingerprints, every=every):
+                    return
+            except sqlite3.Error:
+                pass  # damaged past the first page: rewritten below
+            finally:
+                conn.close()
+        try:
+            with self._index_locked():
+                conn = self._open_for_write()
+                try:
+                    with conn:
+                        self._sync(conn, fingerprints, every=every)
+                finally:
+                    conn.close()
+        except (OSError, sqlite3.Error, StorageError):
+            pass  # the cache folder is read-only, full or damaged: the store answers
 
     def _disk_index_for_reading(self) -> sqlite3.Connection | None:
         """The on-disk index, opened to read, or None when there is none to use (the files answer)."""
@@ -950,10 +1059,11 @@ class Registry:
             raise
         return conn
 
-    def _next_version(self, name: str) -> tuple[int, bool]:
-        """The number the next version of ``name`` gets, one past its largest version folder, and whether
-        the index was current for ``name`` (caller holds the lock). Read from the index when its
-        fingerprint of ``name`` is current, without listing the versions; from the listing otherwise."""
+    def _next_version(self, name: str) -> tuple[int, bool, str]:
+        """The number the next version of ``name`` gets, one past its largest version folder, whether
+        the index was current for ``name``, and the fingerprint of ``name`` it was checked against
+        (caller holds the lock). Read from the index when its fingerprint of ``name`` is current,
+        without listing the versions; from the listing otherwise."""
         fingerprint = self._fingerprint(name)
         query = (
             "SELECT MAX(version) FROM entries WHERE name = ? "
@@ -974,8 +1084,8 @@ class Registry:
         except sqlite3.Error:
             row = None  # no usable index: the files answer (writing the index later rebuilds it)
         if row is None or row[0] is None:
-            return max(self._file_versions(name), default=0) + 1, False
-        return int(row[0]) + 1, True
+            return max(self._file_versions(name), default=0) + 1, False, fingerprint
+        return int(row[0]) + 1, True, fingerprint
 
     def _only_added(self, before: list[int] | None, folder: str) -> bool:
         """Whether one folder was added to ``folder`` since its stamp ``before`` (its link count, where the
@@ -983,25 +1093,32 @@ class Registry:
         after = self._stamp(folder)
         return bool(before and after and before[1] == after[1] and before[4] >= 2 and after[4] == before[4] + 1)
 
-    def _update_index(self, *, added: tuple[str, int] | None = None) -> None:
+    def _update_index(self, *, added: tuple[str, int] | None = None, before: str | None = None) -> None:
         """Bring the index in line with the files for every model that changed (caller holds the lock).
 
         ``added``: ``(name, version)`` when that version is all that changed in the folder of ``name``
         since the index was last current for it (register checked): it is indexed without a listing.
+        ``before``: on a store whose fingerprint lists the versions, the fingerprint of ``name`` the index
+        was current for; ``added`` then holds only if the listing now is exactly that one plus ``version``.
         """
         fingerprints = self._scan(None)
+        if added is not None and before is not None:
+            now = _version_names(fingerprints.get(added[0], _EMPTY))
+            if now != sorted([*_version_names(before), f"v{added[1]}"], key=_version_number):
+                added = None  # another writer's version appeared too: list and compare
         if self._index_path is None:
             with self._memory_lock:
                 conn = self._private_index()
                 self._sync(conn, fingerprints, every=True, added=added)
                 conn.commit()
             return
-        conn = self._open_for_write()
-        try:
-            with conn:
-                self._sync(conn, fingerprints, every=True, added=added)
-        finally:
-            conn.close()
+        with self._index_locked() if self._cache else contextlib.nullcontext():
+            conn = self._open_for_write()
+            try:
+                with conn:
+                    self._sync(conn, fingerprints, every=True, added=added)
+            finally:
+                conn.close()
 
     def _write_new_index(self) -> list[tuple[str, str]]:
         """Write a whole new index beside the old one and rename it into place (caller holds the lock).
@@ -1011,7 +1128,7 @@ class Registry:
         path = self._index_path
         assert path is not None
         folder = os.path.dirname(path)
-        prefix = f".{_INDEX_NAME}.rebuild-"
+        prefix = f".{os.path.basename(path)}.rebuild-"  # a cache folder holds several registries' caches
         for leftover in os.listdir(folder):  # under the lock, any other is a dead rebuild's
             if leftover.startswith(prefix):
                 with contextlib.suppress(OSError):
@@ -1070,7 +1187,7 @@ class Registry:
                 conn.commit()
                 problems = conn.execute("SELECT path, reason FROM problems ORDER BY name, item").fetchall()
         else:
-            with _typed("rebuild the registry index", self._index_path), self._locked():
+            with _typed("rebuild the registry index", self._index_path), self._index_locked():
                 problems = self._write_new_index()
         for where, reason in problems:
             warnings.warn(f"Skipping {where}: {reason}", RuntimeWarning, stacklevel=2)
@@ -1129,19 +1246,35 @@ class Registry:
         state, lineage = self._gather(source)
         with _typed(f"register a version of {name!r} in", self.root), self._locked():
             folder = self._key("models", name)
-            before = self._stamp(folder) if self._storage.local_path(folder) is not None else None
-            version, current = self._next_version(name)
-            key = self._version_key(name, version)
-            record = {
-                "name": name,
-                "version": version,
-                "created": utc_now(),
-                "metadata": meta,
-                "tags": tag_list,
-                "description": description,
-                "lineage": lineage,
-            }
-            save(state, key, metadata={"registry": record}, storage=self._storage)
+            local = self._storage.local_path(folder) is not None
+            before = self._stamp(folder) if local else None
+            version, current, fingerprint = self._next_version(name)
+            taken = False
+            for _ in range(_MAX_VERSION_TRIES):
+                key = self._version_key(name, version)
+                record = {
+                    "name": name,
+                    "version": version,
+                    "created": utc_now(),
+                    "metadata": meta,
+                    "tags": tag_list,
+                    "description": description,
+                    "lineage": lineage,
+                }
+                try:
+                    if self._storage.exists(key):  # taken by a writer that did not hold the lock
+                        raise CheckpointExistsError(f"{self._storage.describe(key)!r} exists.")
+                    save(state, key, metadata={"registry": record}, storage=self._storage)
+                    break
+                except CheckpointExistsError:  # or committed by another writer while this one uploaded
+                    taken = True
+                    version = max(version + 1, max(self._file_versions(name), default=0) + 1)
+            else:
+                raise StorageError(
+                    f"Could not register {name!r} in {self.root!r}: {_MAX_VERSION_TRIES} version numbers in a "
+                    "row were taken by other writers meanwhile. Retry when fewer writers register at once.",
+                    path=self.root,
+                )
             verify(key, storage=self._storage)  # the stored bytes are exactly what was meant
             stored = f"{name} v{version} was stored at {self._storage.describe(key)!r}"
             again = f" Do not register it again: that would add v{version + 1}."
@@ -1157,8 +1290,8 @@ class Registry:
                         key=f"{name}/v{version}",
                     ) from exc
             try:
-                only_added = current and self._only_added(before, folder)
-                self._update_index(added=(name, version) if only_added else None)
+                only_added = current and not taken and (not local or self._only_added(before, folder))
+                self._update_index(added=(name, version) if only_added else None, before=None if local else fingerprint)
             except (OSError, sqlite3.Error, TorchkeepError) as exc:
                 raise self._index_after(stored, exc, key=f"{name}/v{version}", advice=again) from exc
         return self.get(name, version)
