@@ -273,3 +273,15 @@ def test_an_upload_that_stored_fewer_bytes_fails_the_save(s3_bucket: str, monkey
     with pytest.raises(torchkeep.StorageError, match="after its upload"):
         torchkeep.save(state(1), key, storage=storage)
     assert storage.list("") == []
+
+
+def test_a_lease_is_renewed_while_held_and_free_once_released(s3_bucket: str) -> None:
+    storage, key = resolve(f"{s3_bucket}/ckpts")
+    assert isinstance(storage, ObjectStorage)
+    held = objectstore.Lease(storage, key, "writer", blocking=False, holder="a test", ttl=0.9)
+    time.sleep(1.5)  # past the first expiry: only renewal keeps it
+    with pytest.raises(torchkeep.DirectoryLockedError, match="a test"):
+        objectstore.Lease(storage, key, "writer", blocking=False, holder="a test", ttl=0.9)
+    held.release()
+    objectstore.Lease(storage, key, "writer", blocking=False, holder="a test", ttl=0.9).release()
+    assert storage.put_if(f"{key}/plain", b"x", absent=True) is not None  # the write's own ETag comes back

@@ -401,8 +401,11 @@ class ObjectStorage:
                     continue
                 self._remove_tree(join_key(data, name, generation))
 
-    def put_if(self, key: str, data: bytes, *, absent: bool = False, etag: str | None = None) -> None:
-        """Write a small object only if it is absent, or only if it still has ``etag``.
+    def put_if(self, key: str, data: bytes, *, absent: bool = False, etag: str | None = None) -> str | None:
+        """Write a small object only if it is absent, or only if it still has ``etag``; return its new ETag.
+
+        The ETag comes from the write's own response where the client passes it on, so it is the ETag of
+        this write, not of whatever another writer put there a moment later.
 
         Raises:
             CheckpointExistsError: the condition did not hold (another writer got there first).
@@ -410,7 +413,8 @@ class ObjectStorage:
         options: dict[str, Any] = {"mode": "create"} if absent else {"IfMatch": etag} if etag else {}
         physical = self._physical(key)
         try:
-            self._call("write", key, lambda: self.fs.pipe_file(physical, data, **options), writing=True)
+            result = self._call("write", key, lambda: self.fs.pipe_file(physical, data, **options), writing=True)
+            return result.get("ETag") if isinstance(result, dict) else None
         except Exception as exc:
             if _precondition_failed(exc):
                 raise CheckpointExistsError(
@@ -678,9 +682,13 @@ class Lease:
         ).encode()
 
     def _write(self, *, absent: bool = False, etag: str | None = None) -> None:
-        self._storage.put_if(self._key, self._body(), absent=absent, etag=etag)
-        info = self._storage.info(self._key)
-        self._etag = None if info is None else info.get("ETag") or info.get("etag")
+        written = self._storage.put_if(self._key, self._body(), absent=absent, etag=etag)
+        if written is None:  # a client that does not pass the response on: ask, and check it is still ours
+            current = self._read()
+            if current is None or current[0].get("holder") != self._token:
+                raise CheckpointExistsError(f"The lease {self._storage.describe(self._key)!r} was taken over.")
+            written = current[1]
+        self._etag = written
 
     def _read(self) -> tuple[dict[str, Any], str | None] | None:
         info = self._storage.info(self._key)
