@@ -15,7 +15,6 @@ without an fsync each; the index is built from them once.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -30,21 +29,7 @@ import torch
 
 import torchkeep
 import torchkeep.registry as registry_module
-
-
-def write_versions(root: Path, name: str, count: int, metadata: Callable[[int], dict[str, Any]]) -> None:
-    """Store versions 1..count of ``name`` under ``root`` as ``register`` would, without an index update each."""
-    memory = torchkeep.MemoryStorage()
-    for version in range(1, count + 1):
-        record = {"name": name, "version": version, "created": "2024-01-01T00:00:00Z",
-                  "metadata": metadata(version), "tags": [], "description": None,
-                  "lineage": {"source": "state_dict"}}  # fmt: skip
-        key = f"models/{name}/v{version}"
-        torchkeep.save({"w": torch.full((4,), float(version))}, key, storage=memory, metadata={"registry": record})
-        os.makedirs(root / key, exist_ok=True)
-        for file in memory.list(key):
-            (root / key / file).write_bytes(memory.read(f"{key}/{file}"))
-        memory.delete(key)
+from tests.registry_data import write_versions
 
 
 class ManifestReads:

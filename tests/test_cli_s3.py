@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -11,19 +10,7 @@ import torch
 from torch import nn
 
 import torchkeep
-from torchkeep.cli import main
-
-
-def run(capsys: Any, *args: str) -> tuple[int, str, str]:
-    code = main(list(args))
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def as_json(capsys: Any, *args: str, status: int = 0) -> Any:
-    code, out, err = run(capsys, *args, "--json")
-    assert code == status, err
-    return json.loads(out)
+from tests.test_cli import as_json, run
 
 
 @pytest.fixture

@@ -8,10 +8,9 @@ saved into memory and copied out without an fsync each, which takes about a seco
 
 from __future__ import annotations
 
-import os
 import shutil
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,25 +19,10 @@ import torch
 
 import torchkeep
 import torchkeep.registry as registry_module
+from tests.registry_data import write_versions
 from torchkeep import CorruptCheckpointError, Registry
 
 SIZE = 1000
-
-
-def write_versions(root: Path, name: str, count: int, metadata: Callable[[int], dict[str, Any]]) -> None:
-    """Store versions 1..count of ``name`` as ``register`` would, without updating the index."""
-    memory = torchkeep.MemoryStorage()
-    for version in range(1, count + 1):
-        record = {"name": name, "version": version, "created": "2024-01-01T00:00:00Z",
-                  "metadata": metadata(version), "tags": [], "description": None,
-                  "lineage": {"source": "state_dict"}}  # fmt: skip
-        key = f"models/{name}/v{version}"
-        torchkeep.save({"w": torch.full((2,), float(version))}, key, storage=memory, metadata={"registry": record})
-        os.makedirs(root / key, exist_ok=True)
-        for file in memory.list(key):
-            (root / key / file).write_bytes(memory.read(f"{key}/{file}"))
-        memory.delete(key)
-
 
 # Values chosen where SQL and Python could disagree: ints beyond a float's precision, ints beyond its
 # range, bools beside numbers, strings beside numbers, non-ASCII strings, lists, dicts, null, absent.
