@@ -54,6 +54,7 @@ if TYPE_CHECKING:
     from torchkeep.saving import save
     from torchkeep.stateful import Stateful
     from torchkeep.storage import LocalStorage, MemoryStorage, Storage, Transaction
+    from torchkeep.storage.objectstore import ObjectStorage
 
 _EXPORTS = {
     "AnyOf": "torchkeep.retention",
@@ -75,6 +76,7 @@ _EXPORTS = {
     "LoadReport": "torchkeep.report",
     "LocalStorage": "torchkeep.storage",
     "MemoryStorage": "torchkeep.storage",
+    "ObjectStorage": "torchkeep.storage.objectstore",
     "Mismatch": "torchkeep.report",
     "ModelVersion": "torchkeep.registry",
     "RNGState": "torchkeep.rng",
@@ -138,6 +140,7 @@ __all__ = [
     "MemoryStorage",
     "Mismatch",
     "ModelVersion",
+    "ObjectStorage",
     "RNGState",
     "Registry",
     "ResumableSampler",
