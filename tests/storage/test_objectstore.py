@@ -285,3 +285,17 @@ def test_a_lease_is_renewed_while_held_and_free_once_released(s3_bucket: str) ->
     held.release()
     objectstore.Lease(storage, key, "writer", blocking=False, holder="a test", ttl=0.9).release()
     assert storage.put_if(f"{key}/plain", b"x", absent=True) is not None  # the write's own ETag comes back
+
+
+def test_incremental_checkpoints_share_objects_and_retention_sweeps_them(s3_bucket: str) -> None:
+    url = f"{s3_bucket}/ckpts"
+    frozen = torch.randn(256, 256)  # 256 KiB, unchanged between steps: stored once, by content
+    with torchkeep.CheckpointManager(url, incremental=True, keep_last=2) as manager:
+        for step in range(1, 5):
+            big = frozen if step > 1 else torch.randn(256, 256)  # step 1's own object goes with step 1
+            manager.save(step, model={"frozen": big, "head": torch.full((4,), float(step))})
+    storage, key = resolve(url)
+    assert len(storage.list(f"{key}/objects")) == 1  # the shared one; step 1's was swept when step 1 went
+    restored = {"frozen": torch.zeros(256, 256), "head": torch.zeros(4)}
+    record = torchkeep.CheckpointManager(url).restore(model=restored)
+    assert record.step == 4 and torch.equal(restored["frozen"], frozen) and float(restored["head"][0]) == 4.0
