@@ -103,3 +103,26 @@ def test_registry_commands_on_s3(capsys: Any, s3_bucket: str, tmp_path: Path, mo
     assert [r["ok"] for r in as_json(capsys, "verify", url)] == [True, True]
     code, _, err = run(capsys, "models", "ls", f"{s3_bucket}/nothing")
     assert code == 2 and "not an existing directory" in err
+
+
+def test_transfers_are_observed_and_shown_only_after_a_second(s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from rich.progress import Progress
+
+    from torchkeep import cli
+    from torchkeep.storage.objectstore import observe_transfers
+
+    moved: dict[str, int] = {"up": 0, "down": 0}
+    state = {"w": torch.randn(1024, 256)}  # 1 MiB
+    with observe_transfers(lambda direction, n: moved.__setitem__(direction, moved[direction] + n)):
+        torchkeep.save(state, f"{s3_bucket}/run/a")
+        torchkeep.load(f"{s3_bucket}/run/a")
+    assert moved["up"] >= 1 << 20 and moved["down"] >= 1 << 20
+    started: list[bool] = []
+    monkeypatch.setattr(Progress, "start", lambda self: started.append(True))
+    monkeypatch.setattr(Progress, "stop", lambda self: None)
+    with cli._transfers(after=60.0):
+        torchkeep.load(f"{s3_bucket}/run/a")
+    assert started == []  # a short transfer draws nothing
+    with cli._transfers(after=0.0):
+        torchkeep.load(f"{s3_bucket}/run/a")
+    assert started == [True]

@@ -18,12 +18,14 @@ Exit statuses, the same for every command:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import click
@@ -78,6 +80,42 @@ def _emit(data: Any) -> None:
 def cli(ctx: click.Context, debug: bool) -> None:
     """Look inside, check, compare, convert and manage torchkeep checkpoints."""
     ctx.obj = {"debug": debug}
+    if sys.stderr.isatty():  # the bar goes to stderr, so it never mixes with --json output
+        ctx.with_resource(_transfers())
+
+
+@contextlib.contextmanager
+def _transfers(after: float = 1.0) -> Iterator[None]:
+    """Show the bytes uploaded to and downloaded from object stores, once a command has moved them for ``after`` s."""
+    from rich.progress import DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    from torchkeep.storage.objectstore import observe_transfers
+
+    start = time.monotonic()
+    progress = Progress(TextColumn("{task.description}"), DownloadColumn(), TransferSpeedColumn(),
+                        console=Console(stderr=True), transient=True)  # fmt: skip
+    tasks: dict[str, Any] = {}
+    early: dict[str, int] = {"up": 0, "down": 0}
+    lock = threading.Lock()
+
+    def moved(direction: str, nbytes: int) -> None:
+        with lock:
+            if not tasks and time.monotonic() - start < after:
+                early[direction] += nbytes  # a short transfer shows no bar at all
+                return
+            if not tasks:
+                progress.start()
+            if direction not in tasks:
+                label = "uploaded" if direction == "up" else "downloaded"
+                tasks[direction] = progress.add_task(label, total=None, completed=early[direction])
+            progress.update(tasks[direction], advance=nbytes)
+
+    with observe_transfers(moved):
+        try:
+            yield
+        finally:
+            if tasks:
+                progress.stop()
 
 
 def _existing_folder(path: str) -> tuple[Any, str]:

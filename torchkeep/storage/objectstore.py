@@ -42,7 +42,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO, TypeVar
 
 from torchkeep.errors import (
@@ -56,7 +56,7 @@ from torchkeep.errors import (
 from torchkeep.manifest import utc_now
 from torchkeep.storage.base import TransactionBase, join_key, parent_key, split_key
 
-__all__ = ["STALE_AFTER_S", "ObjectStorage", "open_filesystem"]
+__all__ = ["STALE_AFTER_S", "Lease", "ObjectStorage", "observe_transfers", "open_filesystem"]
 
 _T = TypeVar("_T")
 
@@ -71,6 +71,31 @@ _PIECE = 16 * 1024 * 1024
 _SINGLE_PUT = 64 * 1024 * 1024
 _PARALLEL = 8
 _ATTEMPTS = 6
+
+
+_observers: list[Callable[[str, int], None]] = []
+_observers_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def observe_transfers(callback: Callable[[str, int], None]) -> Iterator[None]:
+    """Call ``callback(direction, nbytes)`` (``"up"`` or ``"down"``) for every piece moved to or from any store.
+
+    For progress displays: the command line shows uploads and downloads with it.
+    """
+    with _observers_lock:
+        _observers.append(callback)
+    try:
+        yield
+    finally:
+        with _observers_lock:
+            _observers.remove(callback)
+
+
+def _moved(direction: str, nbytes: int) -> None:
+    if _observers:
+        for callback in list(_observers):
+            callback(direction, nbytes)
 
 
 def open_filesystem(protocol: str, storage_options: dict[str, Any] | None = None) -> Any:
@@ -338,6 +363,7 @@ class ObjectStorage:
                     path=self.describe(key),
                 )
             view[begin:end] = data
+            _moved("down", end - begin)
 
         if len(pieces) <= 1:
             for span in pieces:
@@ -472,10 +498,12 @@ class _Upload(io.RawIOBase):
             if self._file is None:
                 self._file = self._storage.fs.open(self._physical, "wb", block_size=_PIECE)
                 self._file.write(self._buffer)
+                _moved("up", len(self._buffer))
                 self._buffer = bytearray()
             self._file.write(view)
         except Exception as exc:
             raise self._failed(exc) from exc
+        _moved("up", len(view))
         return len(view)
 
     def _failed(self, exc: BaseException) -> StorageError:
@@ -493,6 +521,7 @@ class _Upload(io.RawIOBase):
                 self._storage._call(
                     "write", self._key, lambda: self._storage.fs.pipe_file(self._physical, data), writing=True
                 )
+                _moved("up", len(data))
             else:
                 try:
                     self._file.close()
