@@ -73,6 +73,8 @@ _PARALLEL = 8
 _ATTEMPTS = 6
 
 
+_swept: set[tuple[str, str]] = set()  # (protocol, folder) swept of leftovers by this process
+_swept_lock = threading.Lock()
 _observers: list[Callable[[str, int], None]] = []
 _observers_lock = threading.Lock()
 
@@ -191,7 +193,6 @@ class ObjectStorage:
         self._generations: dict[str, str] = {}  # entry key -> the generation its marker named when last read
         self._infos: dict[str, dict[str, Any]] = {}  # physical path of a generation's object -> its info
         self._lock = threading.Lock()
-        self._swept: set[str] = set()
 
     def __repr__(self) -> str:
         return f"ObjectStorage({self.protocol}://{self.root})"
@@ -401,30 +402,28 @@ class ObjectStorage:
             self._call("delete", key, lambda: self.fs.rm(physical, recursive=True), writing=True)
 
     def _sweep(self, folder: str) -> None:
-        """Once per folder and process: remove generations no marker names that are older than the grace period."""
-        with self._lock:
-            if folder in self._swept:
+        """Once per folder and process: remove generations no marker names that are older than the grace period.
+
+        One listing of the folder's ``.tk-data`` finds every generation by name (its name holds when it was
+        begun); only the old ones cost a look at their entry's marker.
+        """
+        with _swept_lock:
+            if (self.protocol, self._physical(folder)) in _swept:
                 return
-            self._swept.add(folder)
+            _swept.add((self.protocol, self._physical(folder)))
         data = join_key(folder, DATA)
+        base = self._physical(data) + "/"
         try:
-            entries = self._call("list", data, lambda: self.fs.ls(self._physical(data), detail=False, refresh=True))
+            paths = self._call("list", data, lambda: self.fs.find(self._physical(data)))
         except CheckpointNotFoundError:
             return
         now = time.time()
-        for entry_path in entries:
-            name = entry_path.rstrip("/").rsplit("/", 1)[-1]
-            entry = join_key(folder, name)
-            marker = self._marker(entry)
-            current = marker["generation"] if marker else None
-            try:
-                generations = self.fs.ls(entry_path, detail=False, refresh=True)
-            except FileNotFoundError:
+        found = {tuple(path[len(base) :].split("/", 2)[:2]) for path in paths if path.startswith(base)}
+        for name, generation in sorted(g for g in found if len(g) == 2):
+            if now - _generation_time(generation) < STALE_AFTER_S:
                 continue
-            for generation_path in generations:
-                generation = generation_path.rstrip("/").rsplit("/", 1)[-1]
-                if generation == current or now - _generation_time(generation) < STALE_AFTER_S:
-                    continue
+            marker = self._marker(join_key(folder, name))
+            if marker is None or marker["generation"] != generation:
                 self._remove_tree(join_key(data, name, generation))
 
     def put_if(self, key: str, data: bytes, *, absent: bool = False, etag: str | None = None) -> str | None:
