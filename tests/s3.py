@@ -109,14 +109,14 @@ def proxy_to(upstream: str) -> Iterator[Proxy]:
                 return
             if failure == "503":
                 payload = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+                with state._lock:
+                    state.seen.append(Seen(self.command, self.path, self.headers.get("Range"), 503, 0))
                 self.send_response(503)
                 self.send_header("Content-Length", str(len(payload)))
                 self.send_header("Connection", "close")
                 self.end_headers()
                 self.close_connection = True
                 self.wfile.write(payload)
-                with state._lock:
-                    state.seen.append(Seen(self.command, self.path, self.headers.get("Range"), 503, 0))
                 return
             conn = http.client.HTTPConnection(host, int(port), timeout=60)
             headers = {k: v for k, v in self.headers.items() if k.lower() not in ("transfer-encoding",)}
@@ -125,6 +125,8 @@ def proxy_to(upstream: str) -> Iterator[Proxy]:
             conn.request(self.command, self.path, body=body, headers=headers)
             response = conn.getresponse()
             data = response.read()
+            with state._lock:  # recorded before the client can see the answer, so a test reads it in order
+                state.seen.append(Seen(self.command, self.path, self.headers.get("Range"), response.status, len(data)))
             self.send_response(response.status)
             for key, value in response.getheaders():
                 if key.lower() not in ("transfer-encoding", "content-length", "connection"):
@@ -135,8 +137,6 @@ def proxy_to(upstream: str) -> Iterator[Proxy]:
             if self.command != "HEAD":
                 self.wfile.write(data)
             conn.close()
-            with state._lock:
-                state.seen.append(Seen(self.command, self.path, self.headers.get("Range"), response.status, len(data)))
 
         def _read_chunked(self) -> bytes:
             out = bytearray()
