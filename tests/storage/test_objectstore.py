@@ -301,3 +301,15 @@ def test_incremental_checkpoints_share_objects_and_retention_sweeps_them(s3_buck
     restored = {"frozen": torch.zeros(256, 256), "head": torch.zeros(4)}
     record = torchkeep.CheckpointManager(url).restore(model=restored)
     assert record.step == 4 and torch.equal(restored["frozen"], frozen) and float(restored["head"][0]) == 4.0
+
+
+def test_a_large_shard_goes_up_in_parts_each_retried_on_its_own(s3_bucket: str, proxy: Proxy) -> None:
+    storage = through(proxy, s3_bucket, client_retries=False)
+    big = torch.randn(24 << 20)  # 96 MiB: over the single-PUT size, so three or four 32 MiB parts
+    proxy.seen.clear()
+    proxy.fail(2, "503", method="PUT")
+    torchkeep.save({"big": big}, "ckpt", storage=storage)
+    parts = [s for s in proxy.seen if s.method == "PUT" and "partNumber=" in s.path]
+    assert sum(s.status == 503 for s in parts) == 2 and sum(s.status == 200 for s in parts) == 4
+    assert sum(s.method == "POST" and "uploadId=" in s.path for s in proxy.seen) == 1  # one completion
+    assert torch.equal(torchkeep.load("ckpt", storage=storage)["big"], big)

@@ -69,6 +69,9 @@ _MAX_MARKER_BYTES = 4096
 _PIECE = 16 * 1024 * 1024
 #: An object up to this size is sent in one PUT (kept in memory until then); a larger one in parts.
 _SINGLE_PUT = 64 * 1024 * 1024
+#: The part size of a multipart upload to S3, and how many parts are sent at once.
+_PART = 32 * 1024 * 1024
+_PARALLEL_PARTS = 4
 _PARALLEL = 8
 _ATTEMPTS = 6
 
@@ -465,14 +468,70 @@ def _generation_time(generation: str) -> float:
         return 0.0
 
 
+class _Multipart:
+    """An S3 multipart upload with its parts sent on a few threads at once, each retried on its own.
+
+    Memory stays within :data:`_PARALLEL_PARTS` parts in flight plus the one being filled.
+    """
+
+    def __init__(self, storage: ObjectStorage, key: str, physical: str) -> None:
+        self._storage = storage
+        self._key = key
+        self._bucket, self._object, _ = storage.fs.split_path(physical)
+        created = self._s3("create_multipart_upload", Bucket=self._bucket, Key=self._object)
+        self._upload_id = created["UploadId"]
+        self._pool = concurrent.futures.ThreadPoolExecutor(_PARALLEL_PARTS, "torchkeep-put")
+        self._parts: list[concurrent.futures.Future[dict[str, Any]]] = []
+
+    def _s3(self, method: str, **kwargs: Any) -> dict[str, Any]:
+        result: dict[str, Any] = self._storage._call(
+            "write", self._key, lambda: self._storage.fs.call_s3(method, **kwargs), writing=True
+        )
+        return result
+
+    def send(self, data: bytes) -> None:
+        """Upload ``data`` as the next part, waiting first if too many parts are in flight."""
+        in_flight = [f for f in self._parts if not f.done()]
+        if len(in_flight) >= _PARALLEL_PARTS:
+            in_flight[0].result()
+        number = len(self._parts) + 1
+
+        def upload() -> dict[str, Any]:
+            out = self._s3("upload_part", Bucket=self._bucket, Key=self._object, UploadId=self._upload_id,
+                           PartNumber=number, Body=data)  # fmt: skip
+            _moved("up", len(data))
+            return {"PartNumber": number, "ETag": out["ETag"]}
+
+        self._parts.append(self._pool.submit(upload))
+
+    def finish(self) -> None:
+        """Wait for every part, then complete the upload: the object appears whole."""
+        try:
+            parts = [f.result() for f in self._parts]
+        finally:
+            self._pool.shutdown(wait=True)
+        self._s3("complete_multipart_upload", Bucket=self._bucket, Key=self._object, UploadId=self._upload_id,
+                 MultipartUpload={"Parts": parts})  # fmt: skip
+
+    def abort(self) -> None:
+        for future in self._parts:
+            future.cancel()
+        self._pool.shutdown(wait=True)
+        with contextlib.suppress(Exception):  # best effort: the store's lifecycle rules remove the rest
+            self._storage.fs.call_s3(
+                "abort_multipart_upload", Bucket=self._bucket, Key=self._object, UploadId=self._upload_id
+            )
+
+
 class _Upload(io.RawIOBase):
     """A writable file whose bytes go to one object; the object is published whole when it is closed.
 
     Up to :data:`_SINGLE_PUT` bytes are kept and sent in one PUT, which can be
-    retried as a whole. A larger object streams through the filesystem's own
-    multipart upload, whose parts the client retries; a failed upload is not
-    retried from here (its state is the client's), it fails the save. Either
-    way the object's size is checked once it is closed.
+    retried as a whole. A larger object goes up in parts: on S3 as a multipart
+    upload of :data:`_PART` byte parts, :data:`_PARALLEL_PARTS` at a time, each
+    retried on its own; on other stores through the filesystem's own upload,
+    whose state is the client's and which is not retried from here. Either way
+    the object's size is checked once it is closed.
     """
 
     def __init__(self, storage: ObjectStorage, key: str) -> None:
@@ -482,6 +541,7 @@ class _Upload(io.RawIOBase):
         self._physical = storage._physical(key)
         self._buffer = bytearray()
         self._file: Any = None
+        self._multipart: _Multipart | None = None
         self._written = 0
 
     def writable(self) -> bool:
@@ -490,16 +550,28 @@ class _Upload(io.RawIOBase):
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
         self._written += len(view)
-        if self._file is None and len(self._buffer) + len(view) <= _SINGLE_PUT:
+        if self._file is None and self._multipart is None and len(self._buffer) + len(view) <= _SINGLE_PUT:
             self._buffer += view
             return len(view)
         try:
-            if self._file is None:
-                self._file = self._storage.fs.open(self._physical, "wb", block_size=_PIECE)
+            if self._file is None and self._multipart is None:
+                if hasattr(self._storage.fs, "call_s3") and hasattr(self._storage.fs, "split_path"):
+                    self._multipart = _Multipart(self._storage, self._key, self._physical)
+                else:
+                    self._file = self._storage.fs.open(self._physical, "wb", block_size=_PIECE)
+            if self._multipart is not None:
+                self._buffer += view
+                while len(self._buffer) >= _PART:
+                    self._multipart.send(bytes(self._buffer[:_PART]))
+                    del self._buffer[:_PART]
+                return len(view)
+            if self._buffer:
                 self._file.write(self._buffer)
                 _moved("up", len(self._buffer))
                 self._buffer = bytearray()
             self._file.write(view)
+        except TorchkeepError:
+            raise
         except Exception as exc:
             raise self._failed(exc) from exc
         _moved("up", len(view))
@@ -515,7 +587,11 @@ class _Upload(io.RawIOBase):
         if self.closed:
             return
         try:
-            if self._file is None:
+            if self._multipart is not None:
+                if self._buffer:
+                    self._multipart.send(bytes(self._buffer))
+                self._multipart.finish()
+            elif self._file is None:
                 data = bytes(self._buffer)
                 self._storage._call(
                     "write", self._key, lambda: self._storage.fs.pipe_file(self._physical, data), writing=True
@@ -533,6 +609,10 @@ class _Upload(io.RawIOBase):
                     f"{self._written} written; nothing was published.",
                     path=self._storage.describe(self._key),
                 )
+        except BaseException:
+            if self._multipart is not None:
+                self._multipart.abort()
+            raise
         finally:
             self._buffer = bytearray()
             super().close()
@@ -540,6 +620,8 @@ class _Upload(io.RawIOBase):
     def discard(self) -> None:
         """Give up the upload: nothing is published."""
         if not self.closed:
+            if self._multipart is not None:
+                self._multipart.abort()
             discard = getattr(self._file, "discard", None)
             if discard is not None:
                 with contextlib.suppress(Exception):  # best effort, on a path that is failing already
