@@ -92,31 +92,42 @@ def test_a_damaged_object_is_found_by_its_checksum(s3_bucket: str) -> None:
 KILLED_WRITER = """
 import sys, time, torch, torchkeep
 from torchkeep.storage import objectstore
-url, flag = sys.argv[1], sys.argv[2]
+url, flag, when = sys.argv[1], sys.argv[2], sys.argv[3]
 manager = torchkeep.CheckpointManager(url)
 manager.save(1, model={"w": torch.ones(4)})
-def stall(self):
+def stall(*args, **kwargs):
     open(flag, "w").close()
-    time.sleep(600)  # killed here: every object uploaded, the marker not yet written
-objectstore._ObjectTransaction.commit = stall
-manager.save(2, model={"w": torch.full((1 << 20,), 2.0)})
+    time.sleep(600)  # killed here
+if when == "before-commit":  # every object uploaded, the marker not yet written
+    objectstore._ObjectTransaction.commit = stall
+    manager.save(2, model={"w": torch.full((1 << 20,), 2.0)})
+else:  # mid-upload: the shard's multipart upload has sent its first part
+    send = objectstore._Multipart.send
+    def second_part_stalls(self, data):
+        if self._parts:
+            stall()
+        send(self, data)
+    objectstore._Multipart.send = second_part_stalls
+    manager.save(2, model={"w": torch.full((24 << 20,), 2.0)})  # 96 MiB: a multipart shard
 """
 
 
-def test_a_writer_killed_before_its_commit_leaves_nothing_listed(
-    s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("when", ["before-commit", "mid-upload"])
+def test_a_writer_killed_while_saving_leaves_nothing_listed(
+    s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, when: str
 ) -> None:
     url, flag = f"{s3_bucket}/ckpts", tmp_path / "uploading"
-    child = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, url, str(flag)], cwd=ROOT)
+    child = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, url, str(flag), when], cwd=ROOT)
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120
         while not flag.exists():
             assert child.poll() is None and time.monotonic() < deadline, "the writer never started uploading"
             time.sleep(0.05)
         child.send_signal(signal.SIGKILL)
     finally:
         child.wait()
-    assert any("/.tk-data/step-00000002/" in name for name in objects(s3_bucket))  # its upload had begun
+    if when == "before-commit":
+        assert any("/.tk-data/step-00000002/" in name for name in objects(s3_bucket))  # its objects are there
     manager = torchkeep.CheckpointManager(url)
     assert [r.step for r in manager.list()] == [1]
     model = {"w": torch.zeros(4)}
