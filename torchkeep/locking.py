@@ -18,11 +18,11 @@ import os
 import socket
 import stat
 import threading
-from typing import Any
 
 from torchkeep.errors import DirectoryLockedError, StorageError
 from torchkeep.storage import Storage
 from torchkeep.storage.local import storage_error
+from torchkeep.storage.objectstore import Lease, ObjectStorage
 
 __all__ = ["FolderLock"]
 
@@ -46,13 +46,11 @@ class FolderLock:
     ) -> None:
         self._fd: int | None = None
         self._memory: threading.Lock | None = None
-        self._lease: Any = None
+        self._lease: Lease | None = None
         local = storage.local_path(prefix)
         where = storage.describe(prefix)
-        if type(storage).__name__ == "ObjectStorage":
-            from torchkeep.storage.objectstore import Lease
-
-            self._lease = Lease(storage, prefix, name, blocking=blocking, holder=holder)  # type: ignore[arg-type]
+        if isinstance(storage, ObjectStorage):
+            self._lease = Lease(storage, prefix, name, blocking=blocking, holder=holder)
             return
         if local is None:
             with _memory_guard:
