@@ -10,6 +10,8 @@ PY := $(VENV)/bin/python
 $(VENV)/.installed: pyproject.toml requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	# torch first and alone: resolved together with the rest, pip may take the multi-GB CUDA build of the same version
+	$(PY) -m pip install --quiet $$(grep '^torch==' requirements-dev.txt)
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	touch $@
 
