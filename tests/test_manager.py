@@ -479,3 +479,21 @@ def test_restore_skips_a_checkpoint_damaged_in_a_part_it_does_not_restore(tmp_pa
         record = torchkeep.CheckpointManager(tmp_path).restore(model=fresh)  # the optimizer is not asked for
     assert record is not None and record.step == 1
     assert any(not torch.equal(fresh.state_dict()[k], v) for k, v in before.items())  # step 1 was loaded
+
+
+def test_restore_lists_again_when_a_writer_deleted_every_listed_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with torchkeep.CheckpointManager(tmp_path) as writer:
+        for step in (1, 2, 3):
+            writer.save(step, state={"w": torch.full((2,), float(step))})
+        stale = writer.list()
+        for step in (1, 2, 3):
+            writer.delete(step)
+        writer.save(4, state={"w": torch.full((2,), 4.0)})
+    reader = torchkeep.CheckpointManager(tmp_path)
+    real, calls = reader.list, []
+    monkeypatch.setattr(reader, "list", lambda: calls.append(1) or (stale if len(calls) == 1 else real()))
+    state: dict[str, Any] = {}
+    assert reader.restore(state=state).step == 4  # type: ignore[union-attr]
+    assert torch.equal(state["w"], torch.full((2,), 4.0)) and len(calls) == 2

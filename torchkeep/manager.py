@@ -69,6 +69,8 @@ from torchkeep.tree import select_node, tensor_names
 
 __all__ = ["CheckpointManager", "SaveHandle"]
 
+#: How many times restore lists again when a writer deleted every listed step while it read them.
+_RESTORE_ROUNDS = 10
 _log = logging.getLogger("torchkeep")
 
 RNG_KEY = "_torchkeep_rng"
@@ -660,23 +662,37 @@ class CheckpointManager:
                     f"{self.directory!r} has no checkpoint of step {step}; it has {[r.step for r in records]}.",
                     path=self.directory,
                 )
-        reasons = []
-        for record in candidates:
-            try:
-                read_consistently(
-                    self._run.storage,
-                    self._run.key(record.step),
-                    lambda source, record=record: self._apply(source, state, record, strict),  # type: ignore[misc]
-                )
-            except _DAMAGE as err:
-                if step is not None:
-                    raise
-                warnings.warn(
-                    f"Skipping checkpoint step {record.step} ({record.path}): {err}", RuntimeWarning, stacklevel=2
-                )
-                reasons.append(f"step {record.step}: {err}")
-                continue
-            return record
+        reasons: list[str] = []
+        for _ in range(_RESTORE_ROUNDS):
+            reasons, vanished = [], 0
+            for record in candidates:
+                try:
+                    read_consistently(
+                        self._run.storage,
+                        self._run.key(record.step),
+                        lambda source, record=record: self._apply(source, state, record, strict),  # type: ignore[misc]
+                    )
+                except _DAMAGE as err:
+                    if step is not None:
+                        raise
+                    if isinstance(err, CheckpointNotFoundError):
+                        vanished += 1  # deleted by a writer's retention since it was listed: not damage
+                        _log.debug("Checkpoint step %s went while it was read: %s", record.step, err)
+                    else:
+                        warnings.warn(
+                            f"Skipping checkpoint step {record.step} ({record.path}): {err}",
+                            RuntimeWarning,
+                            stacklevel=2,
+                        )
+                    reasons.append(f"step {record.step}: {err}")
+                    continue
+                return record
+            if step is not None or vanished < len(candidates):
+                break
+            # A writer saving faster than this reader restores deleted every listed step: list again.
+            candidates = list(reversed(self.list()))
+            if not candidates:
+                break
         raise CorruptCheckpointError(
             f"No checkpoint in {self.directory!r} could be restored:\n  " + "\n  ".join(reasons),
             path=self.directory,
