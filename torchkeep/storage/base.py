@@ -32,7 +32,7 @@ from typing import BinaryIO, Protocol, TypeVar, runtime_checkable
 
 from torchkeep.errors import InvalidArgumentError
 
-__all__ = ["Storage", "Transaction", "TransactionBase", "join_key", "parent_key", "split_key"]
+__all__ = ["Storage", "Transaction", "TransactionBase", "check_open", "join_key", "parent_key", "split_key"]
 
 _T = TypeVar("_T", bound="TransactionBase")
 
@@ -57,6 +57,14 @@ def join_key(*parts: str) -> str:
 def parent_key(key: str) -> str:
     """The key of the folder holding ``key`` (``""`` at the root)."""
     return key.rsplit("/", 1)[0] if "/" in key else ""
+
+
+def check_open(key: str, name: str, *, done: bool, directory: bool) -> None:
+    """Refuse opening an object after the write finished, or a name that does not fit the entry's kind."""
+    if done:
+        raise InvalidArgumentError(f"The write of {key!r} has already finished.")
+    if directory == (not name):
+        raise InvalidArgumentError("A directory entry needs a name for each object; a single-object entry takes none.")
 
 
 @runtime_checkable

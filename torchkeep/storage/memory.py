@@ -9,7 +9,7 @@ import weakref
 from typing import BinaryIO
 
 from torchkeep.errors import CheckpointNotFoundError, CorruptCheckpointError, InvalidArgumentError
-from torchkeep.storage.base import TransactionBase, split_key
+from torchkeep.storage.base import TransactionBase, check_open, split_key
 
 __all__ = ["MemoryStorage", "named_store"]
 
@@ -66,12 +66,7 @@ class _MemoryTransaction(TransactionBase):
         self._done = False
 
     def open(self, name: str = "") -> BinaryIO:
-        if self._done:
-            raise InvalidArgumentError(f"The write of {self.key!r} has already finished.")
-        if self._directory == (not name):
-            raise InvalidArgumentError(
-                "A directory entry needs a name for each object; a single-object entry takes none."
-            )
+        check_open(self.key, name, done=self._done, directory=self._directory)
         full = f"{self.key}/{name}" if name else self.key
         split_key(full)
 

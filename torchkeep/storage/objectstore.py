@@ -54,7 +54,7 @@ from torchkeep.errors import (
     TorchkeepError,
 )
 from torchkeep.manifest import utc_now
-from torchkeep.storage.base import TransactionBase, join_key, parent_key, split_key
+from torchkeep.storage.base import TransactionBase, check_open, join_key, parent_key, split_key
 
 __all__ = ["STALE_AFTER_S", "Lease", "ObjectStorage", "observe_transfers", "open_filesystem"]
 
@@ -646,12 +646,7 @@ class _ObjectTransaction(TransactionBase):
         self._previous = storage._marker(key, etag=True) if directory else None
 
     def open(self, name: str = "") -> BinaryIO:
-        if self._done:
-            raise InvalidArgumentError(f"The write of {self.key!r} has already finished.")
-        if self._directory == (not name):
-            raise InvalidArgumentError(
-                "A directory entry needs a name for each object; a single-object entry takes none."
-            )
+        check_open(self.key, name, done=self._done, directory=self._directory)
         if name in self._names:
             raise StorageError(f"{name!r} was already written in this save of {self.key!r}.", path=self.key)
         self._names.add(name)
