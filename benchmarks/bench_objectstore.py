@@ -39,7 +39,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import MiB, state_bytes, transformer_state
+from benchmarks.common import MiB, module_for, state_bytes, transformer_state
 
 ACCESS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 PIECE = 16 * MiB
@@ -112,23 +112,6 @@ def sized_state(size_mib: int | None) -> dict[str, Any]:
         left -= n
         i += 1
     return state
-
-
-def module_for(state: dict[str, Any]) -> Any:
-    """A module whose state_dict has the same keys, shapes and dtypes as ``state`` (zeros)."""
-    import torch
-    from torch import nn
-
-    root = nn.Module()
-    for name, tensor in state.items():
-        *path, leaf = name.split(".")
-        module = root
-        for part in path:
-            if not hasattr(module, part):
-                module.add_module(part, nn.Module())
-            module = getattr(module, part)
-        module.register_parameter(leaf, nn.Parameter(torch.zeros_like(tensor), requires_grad=False))
-    return root
 
 
 def main() -> None:

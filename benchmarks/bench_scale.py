@@ -38,7 +38,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torchkeep
-from benchmarks.common import MiB, fsync_path, status
+from benchmarks.common import MiB, fsync_path, module_for, status
 
 MIXED_BYTES = 256 * MiB
 
@@ -56,20 +56,6 @@ def state_of(count: int, shape: str = "small") -> dict[str, torch.Tensor]:
         state[f"blocks.{b}.norm.weight"] = torch.randn(width, generator=g)
         state[f"blocks.{b}.norm.bias"] = torch.randn(width, generator=g)
     return state
-
-
-def module_for(state: dict[str, torch.Tensor]) -> nn.Module:
-    """A module whose state_dict has exactly these names and shapes (zeros), to load into."""
-    root = nn.Module()
-    for name, value in state.items():
-        *path, leaf = name.split(".")
-        owner = root
-        for part in path:
-            if not hasattr(owner, part):
-                owner.add_module(part, nn.Module())
-            owner = getattr(owner, part)
-        owner.register_parameter(leaf, nn.Parameter(torch.zeros_like(value), requires_grad=False))
-    return root
 
 
 def touch(tree: dict[str, torch.Tensor]) -> float:

@@ -6,6 +6,7 @@ import os
 import re
 
 import torch
+from torch import nn
 
 GiB = 1024**3
 MiB = 1024**2
@@ -62,3 +63,17 @@ def fsync_path(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def module_for(state: dict[str, torch.Tensor]) -> nn.Module:
+    """A module whose state_dict has exactly these names and shapes (zeros), to load into."""
+    root = nn.Module()
+    for name, value in state.items():
+        *path, leaf = name.split(".")
+        owner = root
+        for part in path:
+            if not hasattr(owner, part):
+                owner.add_module(part, nn.Module())
+            owner = getattr(owner, part)
+        owner.register_parameter(leaf, nn.Parameter(torch.zeros_like(value), requires_grad=False))
+    return root
