@@ -12,6 +12,7 @@ import http.client
 import http.server
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -67,12 +68,20 @@ class Proxy:
     upstream: str
     url: str = ""
     seen: list[Seen] = field(default_factory=list)
+    #: Seconds each PUT is held before it is forwarded, and the most PUTs seen in flight at once.
+    put_delay: float = 0.0
+    most_puts_at_once: int = 0
+    _puts: int = 0
     _failures: list[str] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def fail(self, count: int, kind: str, *, method: str | None = None) -> None:
         with self._lock:
             self._failures.extend([f"{kind}:{method or ''}"] * count)
+
+    def clear_failures(self) -> None:
+        with self._lock:
+            self._failures.clear()
 
     def _next_failure(self, method: str) -> str | None:
         with self._lock:
@@ -118,6 +127,13 @@ def proxy_to(upstream: str) -> Iterator[Proxy]:
                 self.close_connection = True
                 self.wfile.write(payload)
                 return
+            if self.command == "PUT":
+                with state._lock:
+                    state._puts += 1
+                    state.most_puts_at_once = max(state.most_puts_at_once, state._puts)
+                time.sleep(state.put_delay)
+                with state._lock:
+                    state._puts -= 1
             conn = http.client.HTTPConnection(host, int(port), timeout=60)
             headers = {k: v for k, v in self.headers.items() if k.lower() not in ("transfer-encoding",)}
             if body is not None:

@@ -324,3 +324,27 @@ def test_a_large_shard_goes_up_in_parts_each_retried_on_its_own(s3_bucket: str, 
     assert sum(s.status == 503 for s in parts) == 2 and sum(s.status == 200 for s in parts) == 4
     assert sum(s.method == "POST" and "uploadId=" in s.path for s in proxy.seen) == 1  # one completion
     assert torch.equal(torchkeep.load("ckpt", storage=storage)["big"], big)
+
+
+def test_the_shards_of_one_save_go_up_several_at_once(s3_bucket: str, proxy: Proxy) -> None:
+    storage = through(proxy, s3_bucket)
+    tensors = {f"t{i}": torch.full((64 << 10,), float(i)) for i in range(6)}  # 256 KiB each, one per shard
+    proxy.put_delay = 0.3  # one after another, no two PUTs would ever be held at the same time
+    torchkeep.save(tensors, "ckpt", storage=storage, max_shard_size=256 << 10)
+    proxy.put_delay = 0.0
+    assert 2 <= proxy.most_puts_at_once <= objectstore._PARALLEL_PUTS + 1  # the marker is sent after, alone
+    assert sum(s.method == "PUT" and "/.tk-data/" in s.path for s in proxy.seen) == 7  # 6 shards + the manifest
+    assert_same(torchkeep.load("ckpt", storage=storage), tensors)
+
+
+def test_a_failed_shard_upload_publishes_nothing(s3_bucket: str, proxy: Proxy) -> None:
+    storage = through(proxy, s3_bucket, client_retries=False)
+    torchkeep.save(state(1), "ckpt", storage=storage)
+    tensors = {f"t{i}": torch.full((64 << 10,), float(i)) for i in range(6)}
+    proxy.fail(100, "503", method="PUT")  # past every retry
+    with pytest.raises(torchkeep.StorageError):
+        torchkeep.save(tensors, "ckpt", storage=storage, max_shard_size=256 << 10)
+    proxy.clear_failures()
+    assert_same(torchkeep.load("ckpt", storage=storage), state(1))  # the previous generation, whole
+    generations = {p.split("/")[-2] for p in storage.fs.find(storage.root) if "/.tk-data/" in p}
+    assert len(generations) == 1  # the failed save's objects were removed with it

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import functools
 import io
 import json
 import os
@@ -72,6 +73,8 @@ _SINGLE_PUT = 64 * 1024 * 1024
 #: The part size of a multipart upload to S3, and how many parts are sent at once.
 _PART = 32 * 1024 * 1024
 _PARALLEL_PARTS = 4
+# Objects of one save sent at once (each up to _SINGLE_PUT bytes held until its PUT is answered).
+_PARALLEL_PUTS = 4
 _PARALLEL = 8
 _ATTEMPTS = 6
 
@@ -534,8 +537,11 @@ class _Upload(io.RawIOBase):
     the object's size is checked once it is closed.
     """
 
-    def __init__(self, storage: ObjectStorage, key: str) -> None:
+    def __init__(
+        self, storage: ObjectStorage, key: str, send: Callable[[Callable[[], None]], None] | None = None
+    ) -> None:
         super().__init__()
+        self._send = send
         self._storage = storage
         self._key = key
         self._physical = storage._physical(key)
@@ -592,23 +598,18 @@ class _Upload(io.RawIOBase):
                     self._multipart.send(bytes(self._buffer))
                 self._multipart.finish()
             elif self._file is None:
-                data = bytes(self._buffer)
-                self._storage._call(
-                    "write", self._key, lambda: self._storage.fs.pipe_file(self._physical, data), writing=True
-                )
-                _moved("up", len(data))
+                put = functools.partial(self._put, bytes(self._buffer))
+                if self._send is not None:
+                    self._send(put)  # answered (and checked) before the commit
+                    return
+                put()
+                return
             else:
                 try:
                     self._file.close()
                 except Exception as exc:
                     raise self._failed(exc) from exc
-            info = self._storage._call("look at", self._key, lambda: self._storage.fs.info(self._physical))
-            if int(info.get("size", -1)) != self._written:
-                raise StorageError(
-                    f"{self._storage.describe(self._key)!r} holds {info.get('size')} bytes after its upload, not the "
-                    f"{self._written} written; nothing was published.",
-                    path=self._storage.describe(self._key),
-                )
+            self._check_size()
         except BaseException:
             if self._multipart is not None:
                 self._multipart.abort()
@@ -616,6 +617,20 @@ class _Upload(io.RawIOBase):
         finally:
             self._buffer = bytearray()
             super().close()
+
+    def _put(self, data: bytes) -> None:
+        self._storage._call("write", self._key, lambda: self._storage.fs.pipe_file(self._physical, data), writing=True)
+        _moved("up", len(data))
+        self._check_size()
+
+    def _check_size(self) -> None:
+        info = self._storage._call("look at", self._key, lambda: self._storage.fs.info(self._physical))
+        if int(info.get("size", -1)) != self._written:
+            raise StorageError(
+                f"{self._storage.describe(self._key)!r} holds {info.get('size')} bytes after its upload, not the "
+                f"{self._written} written; nothing was published.",
+                path=self._storage.describe(self._key),
+            )
 
     def discard(self) -> None:
         """Give up the upload: nothing is published."""
@@ -640,6 +655,8 @@ class _ObjectTransaction(TransactionBase):
         self._generation = f"{time.time_ns()}-{secrets.token_hex(4)}"
         self._names: set[str] = set()
         self._open: list[_Upload] = []
+        self._puts: list[concurrent.futures.Future[None]] = []
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._done = False
         self._wrote_single = False
         # The entry as this write found it: the commit succeeds only if it is still so (optimistic concurrency).
@@ -656,16 +673,40 @@ class _ObjectTransaction(TransactionBase):
         else:
             target = self.key
             self._wrote_single = True
-        upload = _Upload(self._storage, target)
+        upload = _Upload(self._storage, target, self._send)
         self._open.append(upload)
         return upload  # type: ignore[return-value]
+
+    def _send(self, put: Callable[[], None]) -> None:
+        """Run ``put`` on the save's pool; with :data:`_PARALLEL_PUTS` in flight, wait for the oldest first."""
+        in_flight = [f for f in self._puts if not f.done()]
+        if len(in_flight) >= _PARALLEL_PUTS:
+            in_flight[0].result()
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(_PARALLEL_PUTS, "torchkeep-put")
+        self._puts.append(self._pool.submit(put))
+
+    def _settle(self) -> None:
+        """Wait for every object sent on the pool; the first failure is raised once all are answered."""
+        if self._pool is None:
+            return
+        concurrent.futures.wait(self._puts)
+        self._pool.shutdown(wait=True)
+        self._pool = None
+        for future in self._puts:
+            future.result()
 
     def commit(self) -> None:
         if self._done:
             raise InvalidArgumentError(f"The write of {self.key!r} has already finished.")
-        for upload in self._open:
-            if not upload.closed:
-                upload.close()
+        try:
+            for upload in self._open:
+                if not upload.closed:
+                    upload.close()
+            self._settle()
+        except BaseException:
+            self.abort()
+            raise
         if not self._directory:
             if not self._wrote_single:
                 raise InvalidArgumentError(f"Nothing was written for {self.key!r}: open its object before committing.")
@@ -703,6 +744,10 @@ class _ObjectTransaction(TransactionBase):
         self._done = True
         for upload in self._open:
             upload.discard()
+        for future in self._puts:
+            future.cancel()
+        with contextlib.suppress(BaseException):  # their failures are the reason for the abort, or moot
+            self._settle()
         if self._directory:
             storage = self._storage
             with contextlib.suppress(TorchkeepError):  # else left for the sweep of a later writer
