@@ -518,6 +518,12 @@ class _LocalTransaction(TransactionBase):
                 raise storage_error("create a staging area in", parent, exc) from exc
             self._identity = (st.st_dev, st.st_ino)
 
+    def share(self) -> str:
+        """A token with which other processes add objects to this directory's staging (:meth:`LocalStorage.join`)."""
+        if not self._directory or self._done:
+            raise InvalidArgumentError(f"Only an unfinished directory write of {self._target!r} can be shared.")
+        return self._owner.token
+
     def _vanished(self, why: str) -> StorageError:
         return StorageError(
             f"The staging area {self._staging!r} of the save to {self._target!r} {why} while this save was "
@@ -669,6 +675,51 @@ class _LocalTransaction(TransactionBase):
             os.close(self._dir_fd)
             self._dir_fd = -1
         self._owner.release()
+
+
+class _JoinedLocal:
+    """Another process's share of a directory write: objects created in its staging, fsync'd on close.
+
+    It publishes nothing; the process that began the write commits or aborts it.
+    """
+
+    def __init__(self, storage: LocalStorage, key: str, token: str) -> None:
+        target = storage._path(key)
+        parent, base = os.path.split(target)
+        self.key = key
+        self._staging = os.path.join(parent, f".{base}{_STAGING}{token}")
+        self._names: set[str] = set()
+        try:
+            self._dir_fd = os.open(self._staging, _DIR_FLAGS)
+        except OSError as exc:
+            raise StorageError(
+                f"The staging area {self._staging!r} of the save to {target!r} is not there to be joined: the "
+                "process that began the save aborted it, or this process does not see the same folder (every "
+                "process of a distributed save must reach the same storage).",
+                path=self._staging,
+            ) from exc
+
+    def open(self, name: str) -> BinaryIO:
+        if self._dir_fd < 0:
+            raise InvalidArgumentError(f"The share of the write of {self.key!r} was closed.")
+        if name in self._names:
+            raise StorageError(f"{name!r} was already written in this save of {self.key!r}.", path=self.key)
+        if len(split_key(name)) != 1:
+            raise InvalidArgumentError(f"A joined write creates top-level objects only, not {name!r}.")
+        path = os.path.join(self._staging, name)
+        try:
+            fd = os.open(name, _CREATE_FLAGS, 0o666, dir_fd=self._dir_fd)
+        except OSError as exc:
+            raise storage_error("create", path, exc) from exc
+        self._names.add(name)
+        f = _DurableFile(fd, "wb")
+        f.name = path
+        return f
+
+    def close(self) -> None:
+        if self._dir_fd >= 0:
+            os.close(self._dir_fd)
+            self._dir_fd = -1
 
 
 class LocalStorage:
@@ -827,6 +878,10 @@ class LocalStorage:
     def begin(self, key: str, *, directory: bool) -> _LocalTransaction:
         self._clean_stale(os.path.dirname(self._path(key)))
         return _LocalTransaction(self, key, directory=directory)
+
+    def join(self, key: str, token: str) -> _JoinedLocal:
+        """Add objects to the directory write of ``key`` begun elsewhere and shared as ``token``."""
+        return _JoinedLocal(self, key, token)
 
     def delete(self, key: str) -> None:
         path = self._path(key)

@@ -387,6 +387,11 @@ class ObjectStorage:
         self._sweep(parent_key(key))
         return _ObjectTransaction(self, key, directory=directory)
 
+    def join(self, key: str, token: str) -> _JoinedObjects:
+        """Add objects to the directory write of ``key`` begun elsewhere and shared as ``token``."""
+        split_key(key)
+        return _JoinedObjects(self, key, token)
+
     def delete(self, key: str) -> None:
         marker = self._marker(key)
         if marker is not None:
@@ -677,6 +682,12 @@ class _ObjectTransaction(TransactionBase):
         self._open.append(upload)
         return upload  # type: ignore[return-value]
 
+    def share(self) -> str:
+        """A token with which other processes add objects to this directory write (:meth:`ObjectStorage.join`)."""
+        if not self._directory or self._done:
+            raise InvalidArgumentError(f"Only an unfinished directory write of {self.key!r} can be shared.")
+        return self._generation
+
     def _send(self, put: Callable[[], None]) -> None:
         """Run ``put`` on the save's pool; with :data:`_PARALLEL_PUTS` in flight, wait for the oldest first."""
         in_flight = [f for f in self._puts if not f.done()]
@@ -752,6 +763,35 @@ class _ObjectTransaction(TransactionBase):
             storage = self._storage
             with contextlib.suppress(TorchkeepError):  # else left for the sweep of a later writer
                 storage._remove_tree(storage._data_prefix(self.key, self._generation))
+
+
+class _JoinedObjects:
+    """Another process's share of a directory write: objects uploaded into its generation.
+
+    It publishes nothing; the process that began the write writes the marker, or
+    removes the generation. :meth:`close` waits for every upload and raises the first failure.
+    """
+
+    def __init__(self, storage: ObjectStorage, key: str, generation: str) -> None:
+        self.key = key
+        self._storage = storage
+        self._prefix = storage._data_prefix(key, generation)
+        self._names: set[str] = set()
+        self._open: list[_Upload] = []
+
+    def open(self, name: str) -> BinaryIO:
+        if name in self._names:
+            raise StorageError(f"{name!r} was already written in this save of {self.key!r}.", path=self.key)
+        split_key(name)
+        self._names.add(name)
+        upload = _Upload(self._storage, join_key(self._prefix, name))
+        self._open.append(upload)
+        return upload  # type: ignore[return-value]
+
+    def close(self) -> None:
+        for upload in self._open:
+            if not upload.closed:
+                upload.close()
 
 
 def _abandoned(lease: dict[str, Any]) -> bool:
