@@ -25,6 +25,7 @@ An unknown format version is refused, never guessed at.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -47,12 +48,23 @@ from torchkeep.errors import (
 )
 from torchkeep.integrity import CHECKSUM_ALGORITHM, checksum, new_checksum
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MANIFEST_NAME", "Manifest", "ShardEntry", "TensorEntry", "utc_now"]
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "MANIFEST_NAME",
+    "Chunk",
+    "ChunkedTensor",
+    "Manifest",
+    "ShardEntry",
+    "ShardedManifest",
+    "TensorEntry",
+    "utc_now",
+]
 
 FORMAT_NAME = "torchkeep.checkpoint"
 #: The newest format this torchkeep reads and writes. Version 2 adds compressed
 #: shards; a checkpoint without them is still written as version 1.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 MANIFEST_NAME = "manifest.json"
 #: The manifest's digest over its own bytes: the tree and every plain value are covered, not only tensor bytes.
 MANIFEST_DIGEST = "manifest_digest"
@@ -251,6 +263,13 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True):
             raise CorruptCheckpointError(f"The manifest of {path!r} is not valid JSON ({exc}).", path=path) from exc
         again = _ENCODER.encode(manifest)
         if len(again) != end + 1 or memoryview(again)[:end] != body:
+            # A sharded checkpoint's manifest has one field more, which the plain decoding passed over.
+            with contextlib.suppress(msgspec.ValidationError, msgspec.DecodeError):
+                sharded = _SHARDED_DECODER.decode(raw)
+                again = _ENCODER.encode(sharded)
+                if len(again) == end + 1 and memoryview(again)[:end] == body:
+                    _check_entries(sharded, path)
+                    return sharded
             # Decoding keeps the last of two equal keys, so the bytes re-encode differently.
             try:
                 strict_json(bytes(body) + b"}")
@@ -282,7 +301,7 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True):
             if data.pop(MANIFEST_CHECKSUM) != _canonical_checksum(data):
                 raise _damaged(path)
         try:
-            manifest = msgspec.convert(data, type=cls)
+            manifest = msgspec.convert(data, type=ShardedManifest if "chunked" in data else cls)
         except msgspec.ValidationError as exc:
             raise CorruptCheckpointError(f"The manifest of {path!r} is damaged: {exc}.", path=path) from exc
         _check_entries(manifest, path)
@@ -306,7 +325,35 @@ def encode_sorted(data: Any) -> bytes:
     return _ENCODER.encode(data)
 
 
+class Chunk(msgspec.Struct, frozen=True, gc=False):
+    """One rank's piece of a sharded tensor: the tensor entry holding it and where it starts in the whole."""
+
+    entry: str
+    offsets: tuple[_Count, ...]
+
+
+class ChunkedTensor(msgspec.Struct, frozen=True, gc=False):
+    """A tensor saved in pieces by several ranks; its chunks together cover it once."""
+
+    dtype: str
+    shape: tuple[_Count, ...]
+    chunks: tuple[Chunk, ...]
+
+
+class ShardedManifest(Manifest, frozen=True, kw_only=True):
+    """The manifest of a checkpoint written by several ranks (format version 3).
+
+    ``tensors`` holds every rank's chunks, each a tensor of its own with its
+    checksum; the tree names the whole tensors of ``chunked``, which a reader
+    puts together from their chunks (or, through torch.distributed.checkpoint,
+    reads as the pieces each rank of another layout needs).
+    """
+
+    chunked: dict[str, ChunkedTensor]
+
+
 _DECODER = msgspec.json.Decoder(type=Manifest)
+_SHARDED_DECODER = msgspec.json.Decoder(type=ShardedManifest)
 
 
 def _damaged(path: str | None) -> ChecksumMismatchError:
@@ -369,11 +416,42 @@ def _check_entries(manifest: Manifest, path: str | None) -> None:
         why = "a tensor's offsets run backwards"
     if why is not None:
         raise CorruptCheckpointError(f"The manifest of {path!r} is damaged: {why}.", path=path)
+    if isinstance(manifest, ShardedManifest):
+        _check_chunks(manifest, path)
     for shard in manifest.shards:
         if shard.compression not in (None, "zstd"):
             raise UnsupportedFormatError(
                 f"{path!r} has a shard compressed with {shard.compression!r}, which this torchkeep cannot read.",
                 path=path,
+            )
+
+
+def _check_chunks(manifest: ShardedManifest, path: str | None) -> None:
+    """Every chunk names a stored tensor of its dtype, inside its whole tensor; together they cover it once."""
+    entries = {t.name: t for t in manifest.tensors}
+    for name, whole in manifest.chunked.items():
+        covered = 0
+        for chunk in whole.chunks:
+            entry = entries.get(chunk.entry)
+            if (
+                entry is None
+                or entry.dtype != whole.dtype
+                or len(chunk.offsets) != len(whole.shape)
+                or len(entry.shape) != len(whole.shape)
+                or any(o + n > size for o, n, size in zip(chunk.offsets, entry.shape, whole.shape, strict=True))
+            ):
+                raise CorruptCheckpointError(
+                    f"The manifest of {path!r} is damaged: a chunk of {name!r} ({chunk.entry!r}) does not fit it.",
+                    path=path,
+                    key=name,
+                )
+            covered += math.prod(entry.shape)
+        if covered != math.prod(whole.shape):
+            raise CorruptCheckpointError(
+                f"The manifest of {path!r} is damaged: the chunks of {name!r} hold {covered} elements, "
+                f"not the {math.prod(whole.shape)} of its shape {list(whole.shape)}.",
+                path=path,
+                key=name,
             )
 
 

@@ -123,8 +123,18 @@ def _match_keys(source: list[str], target: set[str], rename: Rename, report: Loa
     return best
 
 
+class _Assembled(dict[str, Any]):
+    """The whole tree of a sharded checkpoint, read into memory, that still says where it came from."""
+
+    def __init__(self, tree: Any, path: str) -> None:
+        super().__init__(tree if isinstance(tree, Mapping) else {})
+        self.path = path
+
+
 def _open(source: Mapping[str, Any] | Source) -> tuple[Source | None, str]:
     """The opened checkpoint behind ``source`` (None for an in-memory state dict) and how to name it."""
+    if isinstance(source, _Assembled):
+        return None, repr(source.path)
     if isinstance(source, Mapping):
         return None, "the source state dict"
     return source, source.path
@@ -452,6 +462,12 @@ def load_into(
                 dtype=dtype, assign=assign, key=key, verify=verify, trust=trust,
             ),
         )  # fmt: skip
+    if isinstance(source, ManifestSource) and source.chunked:
+        # Written in pieces by several ranks: the whole tensors are put together first.
+        source = _Assembled(
+            read_source(source, map_location=map_location, dtype=dtype, verify=verify, mmap=False), source.path
+        )
+        map_location, dtype = None, None
     if isinstance(target, nn.Module):
         return _load_module(
             target, source, key=key, strict=strict, rename=rename, on_mismatch=on_mismatch,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -38,7 +39,7 @@ from torchkeep.formats.shard import ShardHeader, entry_dtype, materialize, read_
 from torchkeep.formats.streaming import CopyJob, copy_into
 from torchkeep.info import CheckpointInfo, TensorInfo, VerifyReport
 from torchkeep.integrity import checksum
-from torchkeep.manifest import Manifest, TensorEntry
+from torchkeep.manifest import ChunkedTensor, Manifest, ShardedManifest, TensorEntry
 from torchkeep.progress import Progress, Tally
 from torchkeep.storage import Storage
 from torchkeep.tree import decode_tree, select_node, tensor_names
@@ -60,6 +61,15 @@ class StoredTensor(msgspec.Struct, frozen=True, gc=False):
     @property
     def dtype(self) -> torch.dtype:
         return torch_dtype_from_name(self.entry.dtype, key=self.entry.name)
+
+
+def _whole_entry(name: str, whole: ChunkedTensor) -> TensorEntry:
+    """A stand-in entry for a whole sharded tensor: its dtype and shape; its bytes are in its chunks."""
+    nbytes = math.prod(whole.shape) * torch_dtype_from_name(whole.dtype).itemsize
+    return TensorEntry(
+        name=name, kind="torch", dtype=whole.dtype, shape=whole.shape, nbytes=nbytes, shard="", offsets=(0, 0),
+        checksum="",
+    )  # fmt: skip
 
 
 def _damaged_error(path: str, damaged: list[str]) -> ChecksumMismatchError:
@@ -96,9 +106,22 @@ class ManifestSource:
         Registered types and dataclasses are rebuilt (a module's extra state is
         often one); ``info()`` shows them as their saved trees instead.
         """
-        entries = {e.name: e for e in self.manifest.tensors}
         tree = self.manifest.tree if node is None else node
-        return decode_tree(tree, entries, path=self.path, placeholders=True, build_types=True)
+        return decode_tree(tree, self.leaf_entries, path=self.path, placeholders=True, build_types=True)
+
+    @property
+    def chunked(self) -> dict[str, ChunkedTensor]:
+        """The whole tensors of a checkpoint written in pieces by several ranks (empty for any other)."""
+        return self.manifest.chunked if isinstance(self.manifest, ShardedManifest) else {}
+
+    @functools.cached_property
+    def leaf_entries(self) -> dict[str, TensorEntry]:
+        """The entries the tree names: the stored tensors, or for a sharded checkpoint its whole tensors."""
+        if not self.chunked:
+            return {e.name: e for e in self.manifest.tensors}
+        entries = {e.name: e for e in self.manifest.tensors}  # arrays DCP does not carry are stored whole
+        entries.update((name, _whole_entry(name, whole)) for name, whole in self.chunked.items())
+        return entries
 
     def top_level_names(self) -> list[Any] | None:
         """The keys of the tree's top-level dict, read from the JSON alone; None when it is not a dict."""
@@ -116,7 +139,7 @@ class ManifestSource:
                 shard=f"../objects/{e.shard}" if e.shard in self.shared else (e.shard or None),
                 checksum=e.checksum or None, shared=e.shard in self.shared,
             )
-            for e in manifest.tensors
+            for e in (self.leaf_entries.values() if self.chunked else manifest.tensors)
         }  # fmt: skip
         return CheckpointInfo(
             path=self.path,
@@ -256,11 +279,41 @@ class ManifestSource:
         """
         node = self.manifest.tree if key is None else select_node(self.manifest.tree, key, path=self.path)
         names = tensor_names(node)
-        arrays, _ = self.read_arrays(verify=verify, names=names, copy=copy)
+        if self.chunked:
+            arrays = self.arrays_named(names, verify=verify)
+        else:
+            arrays, _ = self.read_arrays(verify=verify, names=names, copy=copy)
         if place is not None:
-            devices = {e.name: e.device for e in self.manifest.tensors}
+            devices = {e.name: e.device for e in self.leaf_entries.values()}
             arrays = {name: place(name, value, devices[name]) for name, value in arrays.items()}
         return decode_tree(node, arrays, path=self.path)
+
+    def arrays_named(self, names: Iterable[str], *, verify: bool = True) -> dict[str, torch.Tensor | np.ndarray]:
+        """Private, verified copies of the arrays the tree names ``names`` (whole tensors of a sharded one)."""
+        names = list(names)
+        whole = [n for n in names if n in self.chunked]
+        out = self._assembled(whole, verify=verify) if whole else {}
+        plain = [n for n in names if n not in self.chunked]
+        if plain:
+            out.update(self.read_arrays(verify=verify, names=plain, copy=True)[0])
+        return out
+
+    def _assembled(self, names: Iterable[str], *, verify: bool) -> dict[str, torch.Tensor | np.ndarray]:
+        """Whole tensors of a sharded checkpoint, each put together from its chunks (private memory)."""
+        wholes = {name: self.chunked[name] for name in names}
+        pieces, _ = self.read_arrays(
+            verify=verify, names=[c.entry for whole in wholes.values() for c in whole.chunks], copy=True
+        )
+        out: dict[str, torch.Tensor | np.ndarray] = {}
+        for name, whole in wholes.items():
+            tensor = torch.empty(whole.shape, dtype=torch_dtype_from_name(whole.dtype, path=self.path))
+            for chunk in whole.chunks:
+                piece = pieces[chunk.entry]
+                assert isinstance(piece, torch.Tensor)
+                index = tuple(slice(o, o + n) for o, n in zip(chunk.offsets, piece.shape, strict=True))
+                tensor[index] = piece
+            out[name] = tensor
+        return out
 
     def check(self, *, trust: bool = False, progress: Progress | None = None) -> VerifyReport:
         """Re-read every byte and compare it with its checksum (``torchkeep.verify``).
@@ -270,7 +323,7 @@ class ManifestSource:
         """
         entries = self.manifest.tensors
         # The structure as load decodes it (types of the user's own are checked, not built).
-        decode_tree(self.manifest.tree, {e.name: e for e in entries}, path=self.path, placeholders=True)
+        decode_tree(self.manifest.tree, self.leaf_entries, path=self.path, placeholders=True)
         _, nbytes = self.read_arrays(verify=True, build=False, progress=progress)
         if all(e.checksum for e in entries):
             return VerifyReport(self.path, self.format, len(entries), nbytes, "xxh3-64")
