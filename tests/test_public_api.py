@@ -16,6 +16,7 @@ def test_public_names_are_pinned() -> None:
         "CheckpointRecord",
         "Compression",
         "DirectoryLockedError",
+        "DistributedError",
         "KeepBest",
         "KeepEvery",
         "KeepInterval",
@@ -73,6 +74,7 @@ def test_every_error_is_a_torchkeep_error_and_a_builtin() -> None:
         errors.UnsupportedObjectError: TypeError,
         errors.InvalidArgumentError: ValueError,
         errors.DirectoryLockedError: RuntimeError,
+        errors.DistributedError: RuntimeError,
         errors.StateMismatchError: ValueError,
         errors.StorageError: OSError,
     }

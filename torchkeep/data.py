@@ -69,10 +69,20 @@ class ResumableSampler(Sampler[int]):
     :meth:`track`. A ``torchdata`` ``StatefulDataLoader`` records the sampler's
     state batch by batch itself: save the loader, and do not track it.
 
+    In a torch.distributed job each rank takes its own part of every epoch,
+    as ``DistributedSampler`` does: rank ``r`` of ``n`` gets every n-th index
+    of the epoch's order from the r-th, all ranks the same number
+    (``length // n``; the few left over are skipped that epoch), so the ranks
+    step in lockstep. Each rank's position is its own; a CheckpointManager
+    saves it per rank.
+
     Args:
         length: the number of items in the dataset.
         seed: the shuffling seed; the order of epoch ``e`` depends only on ``seed`` and ``e``.
         shuffle: False yields ``0..length-1`` in order.
+        num_replicas: how many ranks share the data; by default the world size of an
+            initialized torch.distributed job, else 1.
+        rank: this rank's share; by default its rank in that job, else 0.
 
     Example:
         >>> sampler = torchkeep.ResumableSampler(len(data), seed=0)
@@ -84,9 +94,26 @@ class ResumableSampler(Sampler[int]):
         ...         manager.save(step, model=model, data=sampler)  # the samples received so far
     """
 
-    def __init__(self, length: int, *, seed: int = 0, shuffle: bool = True) -> None:
+    def __init__(
+        self,
+        length: int,
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+    ) -> None:
         if length < 0:
             raise InvalidArgumentError(f"length must be >= 0, not {length}.")
+        joined = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if num_replicas is None:
+            num_replicas = torch.distributed.get_world_size() if joined else 1
+        if rank is None:
+            rank = torch.distributed.get_rank() if joined else 0
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise InvalidArgumentError(f"rank must be in [0, num_replicas), not rank={rank} of {num_replicas}.")
+        self.num_replicas = num_replicas
+        self.rank = rank
         self.length = length
         self.seed = seed
         self.shuffle = shuffle
@@ -98,13 +125,17 @@ class ResumableSampler(Sampler[int]):
         self._ahead = False  # an untracked multi-worker DataLoader is drawing indices
 
     def __len__(self) -> int:
-        return self.length
+        return self.length // self.num_replicas
 
     def _order(self) -> list[int]:
         if not self.shuffle:
-            return list(range(self.length))
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return torch.randperm(self.length, generator=g).tolist()
+            order = list(range(self.length))
+        else:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.length, generator=g).tolist()
+        if self.num_replicas == 1:
+            return order
+        return order[self.rank : len(self) * self.num_replicas : self.num_replicas]
 
     def __iter__(self) -> Iterator[int]:
         if self._received is not None:  # a tracked loader drew ahead: go back to what the loop received
@@ -113,7 +144,7 @@ class ResumableSampler(Sampler[int]):
         self._received = (self.epoch, self.position) if tracked else None
         self._ahead = not tracked and _drawn_by_worker_loader(sys._getframe().f_back)
         order = self._order()
-        while self.position < self.length:
+        while self.position < len(order):
             index = order[self.position]
             self.position += 1
             yield index
@@ -157,7 +188,7 @@ class ResumableSampler(Sampler[int]):
     def _received_batch(self, batch_size: int) -> None:
         if self._received is not None:
             epoch, position = self._received
-            self._received = (epoch, min(position + batch_size, self.length))
+            self._received = (epoch, min(position + batch_size, len(self)))
 
     def _received_epoch(self) -> None:
         self._received = (self.epoch, self.position)  # the loader ended, so the sampler's epoch ended
@@ -172,13 +203,23 @@ class ResumableSampler(Sampler[int]):
             )
         else:
             epoch, position = self.epoch, self.position
-        return {"epoch": epoch, "position": position, "seed": self.seed, "length": self.length}
+        state = {"epoch": epoch, "position": position, "seed": self.seed, "length": self.length}
+        if self.num_replicas > 1:
+            state.update(num_replicas=self.num_replicas, rank=self.rank)
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["length"] != self.length or state["seed"] != self.seed:
             raise InvalidArgumentError(
                 f"This sampler covers {self.length} items with seed {self.seed}; the saved one covered "
                 f"{state['length']} with seed {state['seed']}. Build it the same way to resume."
+            )
+        saved = (int(state.get("num_replicas", 1)), int(state.get("rank", 0)))
+        if saved != (self.num_replicas, self.rank):
+            raise InvalidArgumentError(
+                f"This sampler is rank {self.rank} of {self.num_replicas}; the saved one was rank {saved[1]} of "
+                f"{saved[0]}, so its position is in another share of the data. Resume on as many ranks, or start "
+                "the epoch afresh (do not restore the sampler)."
             )
         self.epoch = int(state["epoch"])
         self.position = int(state["position"])

@@ -15,6 +15,7 @@ so code written against plain ``open``/``torch.load`` keeps working::
     ├── StateMismatchError(ValueError)               checkpoint and target do not line up (load_into)
     ├── InvalidArgumentError(ValueError)             a bad argument to a torchkeep call
     ├── DirectoryLockedError(RuntimeError)           another manager is writing to the directory
+    ├── DistributedError(RuntimeError)               another rank failed, died or did not answer
     └── StorageError(OSError)                        the storage backend failed (disk full, I/O)
 
 Errors carry the path of the file (``.path``) and, where one applies, the key
@@ -31,6 +32,7 @@ __all__ = [
     "ChecksumMismatchError",
     "CorruptCheckpointError",
     "DirectoryLockedError",
+    "DistributedError",
     "InvalidArgumentError",
     "StateMismatchError",
     "StorageError",
@@ -113,6 +115,14 @@ class InvalidArgumentError(TorchkeepError, ValueError):
 
 class StorageError(TorchkeepError, OSError):
     """The storage backend failed to read, write, commit or delete."""
+
+
+class DistributedError(TorchkeepError, RuntimeError):
+    """Another rank of a distributed save or restore failed, died, or did not answer within the timeout.
+
+    Nothing was committed by the save that raised it (unless the message says the
+    commit was already made); every rank of the job gets this error, not a hang.
+    """
 
 
 class DirectoryLockedError(TorchkeepError, RuntimeError):

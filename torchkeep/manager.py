@@ -29,10 +29,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from torchkeep import distributed
 from torchkeep.compression import Compression
+from torchkeep.distributed import RANKS_KEY, Group
 from torchkeep.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
+    DistributedError,
     InvalidArgumentError,
     StateMismatchError,
     StorageError,
@@ -43,6 +46,7 @@ from torchkeep.formats.native import open_native
 from torchkeep.formats.source import ManifestSource, Source
 from torchkeep.loading import read_source
 from torchkeep.locking import FolderLock
+from torchkeep.manifest import Manifest
 from torchkeep.model_loading import load_into
 from torchkeep.object_folder import ObjectFolder
 from torchkeep.report import LoadReport
@@ -65,7 +69,7 @@ from torchkeep.saving import SaveJob, prepare_save, write_job
 from torchkeep.snapshot import StagingBuffer
 from torchkeep.stateful import is_stateful
 from torchkeep.storage import Storage, resolve
-from torchkeep.tree import select_node, tensor_names
+from torchkeep.tree import decode_tree, select_node, tensor_names
 
 __all__ = ["CheckpointManager", "SaveHandle"]
 
@@ -78,6 +82,17 @@ _LOCK_NAME = ".torchkeep.lock"
 _THREAD = "torchkeep-save"
 #: What makes restore() move on to an older checkpoint: the checkpoint, not the caller's objects, is at fault.
 _DAMAGE = (CorruptCheckpointError, CheckpointNotFoundError, UnsupportedFormatError, StorageError)
+
+
+def _sharded(state: dict[str, Any]) -> bool:
+    """Whether any module's parameters (or any state tree) hold DTensors: a save through DCP."""
+    for obj in state.values():
+        if isinstance(obj, nn.Module):
+            if distributed.is_sharded(dict(obj.named_parameters())):
+                return True
+        elif not is_stateful(obj) and distributed.is_sharded(obj):
+            return True
+    return False
 
 
 def _metric(name: str, value: Any) -> float | str:
@@ -218,9 +233,13 @@ class _Committer:
     def commit(self, job: SaveJob, step: int) -> CheckpointRecord:
         manifest = write_job(job)
         assert manifest is not None  # a manager writes native checkpoints
+        return self.settle(manifest, job.key, step)
+
+    def settle(self, manifest: Manifest, key: str, step: int) -> CheckpointRecord:
+        """After a commit: read it back, remember it, apply retention."""
         # Read it back (manifest, shard sizes and headers) before anything older may be deleted:
         # retention must never run after a commit that readers would refuse.
-        open_native(self.run.storage, job.key).stored  # noqa: B018 - checking, not using
+        open_native(self.run.storage, key).stored  # noqa: B018 - checking, not using
         record = self.run.remember(step, manifest)
         protect = frozenset({step})  # even when older steps than the newest are saved again
         # What this writer knows tells whether anything goes, without listing the directory; before deleting,
@@ -276,6 +295,11 @@ class CheckpointManager:
         install_signal_handler: True (SIGTERM and SIGUSR1) or a list of signals. On one,
             :meth:`should_save` turns true, and the next :meth:`save` commits then exits with status 0.
         storage: use this storage, with ``directory`` as the key of the folder in it.
+        process_group: in a torch.distributed job the manager works for every rank of the
+            default group (see "Distributed training" below); pass a group to work for its
+            ranks only, or False to ignore torch.distributed.
+        timeout: seconds a rank waits for the others during a distributed save or restore
+            before raising :class:`DistributedError` (a rank that died is noticed at once).
 
     With no keep_* option and no ``retention``, every checkpoint is kept. The
     newest checkpoint and the best one are never deleted, and deletion runs only
@@ -294,6 +318,17 @@ class CheckpointManager:
     holds the lock, the manager trusts its own records and re-reads no
     manifest on a save (see :mod:`torchkeep.run_directory`). Not
     thread-safe: call one manager from one thread.
+
+    Distributed training: when torch.distributed is initialized, every rank builds the
+    same manager (a collective: it makes the manager's own gloo group) and calls
+    ``save`` and ``restore`` with its own objects. Replicated state (DDP) is written
+    by rank 0; sharded state (DTensor, FSDP2) by every rank through
+    torch.distributed.checkpoint. Samplers (and loaders tracking one) and the RNG
+    streams are each rank's own and saved per rank. Rank 0 commits only once every
+    rank has written its part, and alone takes the lock and applies retention; a
+    rank that fails or dies makes every rank raise :class:`DistributedError`, and
+    nothing is committed. A sharded checkpoint restores on any number of ranks,
+    or in one process without torch.distributed.
 
     Example:
         >>> mgr = torchkeep.CheckpointManager("ckpt", keep_last=3, keep_best=1, monitor="val_loss")
@@ -321,6 +356,8 @@ class CheckpointManager:
         incremental: bool = False,
         install_signal_handler: bool | Sequence[int] = False,
         storage: Storage | None = None,
+        process_group: Any = None,
+        timeout: float = 600.0,
     ) -> None:
         if mode not in ("min", "max"):
             raise InvalidArgumentError(f'mode must be "min" or "max", not {mode!r}.')
@@ -332,6 +369,7 @@ class CheckpointManager:
             positive_seconds("save_interval", save_interval)
         if max_staging_bytes is not None:
             positive_count("max_staging_bytes", max_staging_bytes)
+        positive_seconds("timeout", timeout)
         if retention is not None and not isinstance(retention, RetentionPolicy):
             raise InvalidArgumentError(
                 f"retention must have a keep(records) method (a RetentionPolicy), not a {type(retention).__name__}."
@@ -366,6 +404,8 @@ class CheckpointManager:
         self._closed = False
         self._last_save = time.monotonic()
         self._held = _Held(self.directory)
+        self._group = Group.of(process_group, timeout)
+        self._dcp_staging: dict[str, torch.Tensor] = {}
         if install_signal_handler:
             signals = (signal.SIGTERM, signal.SIGUSR1) if install_signal_handler is True else install_signal_handler
             for signum in signals:
@@ -403,6 +443,8 @@ class CheckpointManager:
         """Take the directory's writer lock, once, before the first write."""
         if self._closed:
             raise InvalidArgumentError("This CheckpointManager is closed.")
+        if self._group is not None and not self._group.is_coordinator:
+            return  # rank 0 writes, locks and deletes for the job
         if self._held.lock is None:
             self._held.lock = FolderLock(
                 self._run.storage, self._run.prefix, name=_LOCK_NAME, blocking=False, holder="another CheckpointManager"
@@ -500,6 +542,9 @@ class CheckpointManager:
             raise InvalidArgumentError(f"State names starting with '_torchkeep' are reserved: {reserved}.")
         self._writer()
         self.wait()  # one save in flight; the staging buffer is free again
+        if self._group is not None:
+            wants = self.async_save if async_save is None else async_save
+            return self._save_distributed(self._group, step, metrics, metadata, wants, state)
         tree = {name: obj.state_dict() if is_stateful(obj) else obj for name, obj in state.items()}
         if self.rng:
             tree[RNG_KEY] = RNGState().state_dict()
@@ -550,13 +595,115 @@ class CheckpointManager:
             self._exit_if_preempted()
         return handle
 
+    def _save_distributed(
+        self,
+        group: Group,
+        step: int,
+        metrics: dict[str, Any] | None,
+        metadata: dict[str, Any] | None,
+        wants_async: bool,
+        state: dict[str, Any],
+    ) -> CheckpointRecord | SaveHandle:
+        """The save of one rank of a distributed job (see the class docstring)."""
+        if self.monitor is not None and metrics and self.monitor not in metrics:
+            raise InvalidArgumentError(f"metrics= holds {sorted(metrics)} but not monitor={self.monitor!r}.")
+        encoded = {name: _metric(name, value) for name, value in (metrics or {}).items()}
+        meta = {"step": step, "metrics": encoded, "metadata": metadata or {}, "ranks": group.size}
+        own = {name: distributed.rank_state(name, obj) for name, obj in state.items() if distributed.is_per_rank(obj)}
+        if self.rng:
+            own[RNG_KEY] = RNGState().state_dict()
+        shared = {name: obj for name, obj in state.items() if name not in own}
+        # Each rank's own state (a few small values) is gathered now: this is its snapshot.
+        ranks = group.gather(f"gathering each rank's own state for step {step}", own)
+        key = self._run.key(step)
+        if _sharded(shared):
+            trees = distributed.sharded_states(shared)
+            if ranks is not None:
+                trees[RANKS_KEY] = ranks
+            flat = distributed.flatten_for_dcp(trees)
+            if wants_async:
+                flat = dataclasses.replace(flat, tensors=self._snapshot_shards(flat.tensors))
+
+            def work() -> CheckpointRecord:
+                manifest = distributed.save_sharded(group, self._run.storage, key, flat, meta)
+                return self._share_record(
+                    group,
+                    step,
+                    lambda: self._retention.settle(manifest, key, step),  # type: ignore[arg-type]
+                )  # (the coordinator, which _share_record runs it on, has the manifest)
+
+        else:
+            job = None
+            if group.is_coordinator:
+                tree = {name: obj.state_dict() if is_stateful(obj) else obj for name, obj in shared.items()}
+                tree[RANKS_KEY] = ranks
+                job = prepare_save(tree, key, metadata=meta, compression=self.compression,
+                                   objects=self._objects.key if self.incremental else None,
+                                   storage=self._run.storage)  # fmt: skip
+                if wants_async:
+                    job = dataclasses.replace(job, planned=self._staging.snapshot(job.planned))
+
+            def work() -> CheckpointRecord:
+                return self._share_record(group, step, lambda: self._retention.commit(job, step))  # type: ignore[arg-type]
+
+        self._last_save = time.monotonic()
+        if not wants_async:
+            return work()
+        executor = self._held.executor or self._held.start_thread()
+        handle = SaveHandle(step, executor.submit(work))
+        self._held.inflight = handle
+        return handle
+
+    def _share_record(self, group: Group, step: int, commit: Any) -> CheckpointRecord:
+        """Run ``commit`` on the coordinator and give every rank its record, or every rank an error."""
+        record: CheckpointRecord | None = None
+        error: BaseException | None = None
+        if group.is_coordinator:
+            try:
+                record = commit()
+            except BaseException as exc:
+                error = exc
+        shared = group.broadcast(
+            f"the commit of step {step}", (record, None if error is None else f"{type(error).__name__}: {error}")
+        )
+        if error is not None:
+            raise error
+        record, message = shared
+        if message is not None:
+            raise DistributedError(f"Rank {group.rank} of {group.size}: saving step {step} failed on rank 0: {message}")
+        assert record is not None
+        return record
+
+    def _snapshot_shards(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Copies of this rank's pieces in reused host memory, so that training may change the originals."""
+        from torch.distributed.tensor import DTensor
+
+        out: dict[str, torch.Tensor] = {}
+        for name, tensor in tensors.items():
+            local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+            held = self._dcp_staging.get(name)
+            if held is None or held.shape != local.shape or held.dtype != local.dtype:
+                held = torch.empty(local.shape, dtype=local.dtype, pin_memory=local.is_cuda)
+                self._dcp_staging[name] = held
+            held.copy_(local.detach())
+            if isinstance(tensor, DTensor):
+                out[name] = DTensor.from_local(
+                    held, tensor.device_mesh, tensor.placements, run_check=False, shape=tensor.shape,
+                    stride=tensor.stride(),
+                )  # fmt: skip
+            else:
+                out[name] = held
+        return out
+
     def _exit_if_preempted(self) -> None:
         if self._held.preempted is not None:
             self.close()
             raise SystemExit(0)
 
     def delete(self, step: int) -> None:
-        """Delete the checkpoint of ``step`` now, and any stored objects only it referred to."""
+        """Delete the checkpoint of ``step`` now, and any stored objects only it referred to (rank 0's job)."""
+        if self._group is not None and not self._group.is_coordinator:
+            return
         self._writer()
         self.wait()
         key = self._run.key(step)
@@ -630,6 +777,8 @@ class CheckpointManager:
         """
         self.wait()
         records = self.list()
+        if self._group is not None:  # every rank restores the same checkpoint: rank 0's view decides
+            records = self._group.broadcast("listing the checkpoints to restore", records)
         if step is None:
             candidates = list(reversed(records))
             if not candidates:
@@ -700,6 +849,17 @@ class CheckpointManager:
 
     def _apply(self, source: Source, state: dict[str, Any], record: CheckpointRecord, strict: bool) -> None:
         saved = source.top_level_names() or []
+        own = {
+            name: obj
+            for name, obj in state.items()
+            if name not in saved and RANKS_KEY in saved and distributed.is_per_rank(obj)
+        }
+        if own:  # saved per rank by a distributed job: restored from this rank's part below
+            state = {name: obj for name, obj in state.items() if name not in own}
+        if isinstance(source, ManifestSource) and source.chunked:
+            self._apply_sharded(source, state, saved, record)
+            self._apply_rank_state(source, own, saved)
+            return
         missing = [name for name in state if name not in saved]
         if missing:
             shown = [name for name in saved if not str(name).startswith("_torchkeep")]
@@ -747,3 +907,86 @@ class CheckpointManager:
                 obj.load_state_dict(read_source(source, key=name, mmap=False))
         if self.rng and RNG_KEY in saved:
             RNGState().load_state_dict(read_source(source, key=RNG_KEY, mmap=False))
+        self._apply_rank_state(source, own, saved)
+
+    def _apply_sharded(
+        self, source: ManifestSource, state: dict[str, Any], saved: Sequence[Any], record: CheckpointRecord
+    ) -> None:
+        """Restore from a checkpoint written by several ranks, through DCP (any number of ranks, or none)."""
+        missing = [name for name in state if name not in saved]
+        targets = distributed.sharded_states(state)
+        flat = distributed.flatten_for_dcp(targets)
+        absent = sorted(name for name in flat.tensors if name not in source.chunked)
+        if missing or absent:
+            raise StateMismatchError(
+                f"Checkpoint {record.path!r} does not hold {missing or absent[:5]}; it holds "
+                f"{[n for n in saved if not str(n).startswith('_torchkeep')]}.",
+                report=LoadReport(missing=missing or absent),
+                path=record.path,
+            )
+        self._check_the_rest(source, [*state, RANKS_KEY])
+        distributed.load_sharded(self._group, source, flat.tensors)
+        loaded: dict[str, Any] = {}
+        for name in state:
+            node = select_node(source.manifest.tree, name, path=source.path)
+            names = tensor_names(node)
+            arrays: dict[str, Any] = {n: flat.tensors[n] for n in names if n in flat.tensors}
+            rest = [n for n in names if n not in arrays]
+            if rest:
+                arrays.update(source.arrays_named(rest))
+            loaded[name] = decode_tree(node, arrays, path=source.path)
+        distributed.apply_sharded(state, loaded)
+
+    def _check_the_rest(self, source: ManifestSource, wanted: Sequence[Any]) -> None:
+        """Verify what a sharded restore does not read, before anything is touched; ranks share the work.
+
+        Every rank then knows whether any of them found damage, so all of them skip the checkpoint or none.
+        """
+        tree = source.manifest.tree
+        saved = set(source.top_level_names() or [])
+        read = set().union(*(tensor_names(select_node(tree, n, path=source.path)) for n in wanted if n in saved))
+        for name in list(read):
+            whole = source.chunked.get(name)
+            if whole is not None:
+                read.update(chunk.entry for chunk in whole.chunks)
+        rest = [e.name for e in source.manifest.tensors if e.name not in read]
+        rank, size = (0, 1) if self._group is None else (self._group.rank, self._group.size)
+        found: str | None = None
+        try:
+            source.read_arrays(verify=True, build=False, names=rest[rank::size])
+        except CorruptCheckpointError as err:
+            found = str(err)
+        if self._group is not None:
+            verdicts = self._group.gather("checking the checkpoint to restore", found)
+            found = self._group.broadcast(
+                "checking the checkpoint to restore", next((v for v in verdicts or [] if v is not None), None)
+            )
+        if found is not None:
+            raise CorruptCheckpointError(found, path=source.path)
+
+    def _apply_rank_state(self, source: Source, own: dict[str, Any], saved: Sequence[Any]) -> None:
+        """This rank's own state (RNG streams, data position) from a checkpoint of a distributed job."""
+        if RANKS_KEY not in saved:
+            return
+        ranks = read_source(source, key=RANKS_KEY, mmap=False)
+        rank = 0 if self._group is None else self._group.rank
+        if not isinstance(ranks, list) or rank >= len(ranks):
+            count = len(ranks) if isinstance(ranks, list) else 0
+            warnings.warn(
+                f"{source.path!r} was saved by {count} rank(s), so rank {rank} has no state of its own there: its "
+                f"RNG streams and data position ({sorted(own) or 'none'}) start afresh.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return
+        mine = ranks[rank]
+        for name, obj in own.items():
+            if name not in mine:
+                raise StateMismatchError(
+                    f"{source.path!r} holds no per-rank state {name!r} for rank {rank}; it holds {sorted(mine)}.",
+                    report=LoadReport(missing=[name]),
+                    path=source.path,
+                )
+            distributed.load_rank_state(obj, mine[name])
+        if self.rng and RNG_KEY in mine:
+            RNGState().load_state_dict(mine[RNG_KEY])

@@ -1,0 +1,139 @@
+"""CheckpointManager in torch.distributed jobs: gloo ranks on the CPU, started here (see tests/dist_worker.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import torchkeep
+from tests import dist_worker as ranks
+from tests.conftest import assert_same
+
+pytestmark = pytest.mark.slow
+
+
+def notes(folder: Path) -> dict[int, dict[str, Any]]:
+    return {int(p.stem.split("-")[1]): json.loads(p.read_text()) for p in folder.glob("rank-*.json")}
+
+
+def test_fsdp2_saved_on_two_ranks_restores_exactly_on_one_and_on_three(tmp_path: Path) -> None:
+    ranks.run(2, ranks.fsdp_save, tmp_path, str(tmp_path))
+    step = tmp_path / "ckpt" / "step-00000003"
+    assert sorted(os.listdir(step)) == ["manifest.json", "rank-00000.safetensors", "rank-00001.safetensors"]
+    report = torchkeep.verify(str(step))
+    assert report.method == "xxh3-64"
+    expected = torch.load(tmp_path / "expected.pt")
+    for world in (1, 3):
+        ranks.run(world, ranks.fsdp_restore, tmp_path, str(tmp_path))
+        assert_same(torch.load(tmp_path / f"restored-{world}.pt"), expected)  # every parameter and moment
+    warned = notes(tmp_path)
+    assert warned[0]["warned"] == [] and warned[1]["warned"] == []
+    assert "rank 2 has no state of its own" in " ".join(warned[2]["warned"])  # saved by 2 ranks
+
+
+def test_a_sharded_checkpoint_loads_whole_in_one_process_without_torch_distributed(tmp_path: Path) -> None:
+    ranks.run(2, ranks.fsdp_save, tmp_path, str(tmp_path))
+    expected = torch.load(tmp_path / "expected.pt")
+    step = str(tmp_path / "ckpt" / "step-00000003")
+    loaded = torchkeep.load(step)
+    assert_same(dict(loaded["model"]), expected["model"])
+    info = torchkeep.inspect(step)
+    assert {t.name: t.shape for t in info.tensors}["model.l1.weight"] == (32, 16)  # whole, not its pieces
+    # A plain model and optimizer in one process restore from it (optimizer state keyed by parameter name).
+    torch.manual_seed(0)
+    model = ranks.Net()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    record = torchkeep.CheckpointManager(tmp_path / "ckpt").restore(model=model, optimizer=optimizer)
+    assert record is not None and record.step == 3
+    assert_same(dict(model.state_dict()), expected["model"])
+    moments = optimizer.state_dict()["state"][0]
+    assert torch.equal(moments["exp_avg"], expected["optimizer"]["state"]["l1.weight"]["exp_avg"])
+    # load_into and convert put the pieces together too.
+    fresh = ranks.Net()
+    torchkeep.load_into(fresh, step, key="model")
+    assert_same(dict(fresh.state_dict()), expected["model"])
+    from torchkeep.cli import main
+
+    out = tmp_path / "model.safetensors"
+    assert main(["convert", step, str(out)]) == 0
+    assert torch.equal(torchkeep.load(str(out))["model"]["l2.bias"], expected["model"]["l2.bias"])
+
+
+def test_a_damaged_piece_is_found_and_restore_falls_back(tmp_path: Path) -> None:
+    ranks.run(2, ranks.fsdp_save, tmp_path, str(tmp_path))
+    step = tmp_path / "ckpt" / "step-00000003"
+    shard = step / "rank-00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(torchkeep.ChecksumMismatchError, match="l2"):
+        torchkeep.verify(str(step))
+    model = ranks.Net()
+    with pytest.raises(torchkeep.CorruptCheckpointError), pytest.warns(RuntimeWarning, match="Skipping"):
+        torchkeep.CheckpointManager(tmp_path / "ckpt").restore(model=model)
+
+
+@pytest.mark.parametrize(("how", "sharded"), [("kill", True), ("kill", False), ("raise", True), ("raise", False)])
+def test_a_rank_that_dies_or_raises_during_a_save_commits_nothing(tmp_path: Path, how: str, sharded: bool) -> None:
+    ranks.run(2, ranks.failing_save, tmp_path, str(tmp_path), how, sharded, killed=(1,) if how == "kill" else ())
+    seen = notes(tmp_path)
+    survivors = [0] if how == "kill" else [0, 1]
+    for rank in survivors:
+        assert seen[rank]["error"] in ("DistributedError", "OSError", "StorageError"), seen[rank]
+        assert seen[rank]["seconds"] < 30  # noticed, not waited out
+    assert any(seen[r]["error"] == "DistributedError" for r in survivors)
+    manager = torchkeep.CheckpointManager(tmp_path / "ckpt")
+    assert [r.step for r in manager.list()] == [1]  # step 2 was never committed
+    assert not [n for n in os.listdir(tmp_path / "ckpt") if "tk-staging" in n]  # its staging was removed
+    assert manager.restore(model=ranks.Net()) is not None
+
+
+def test_a_rank_that_hangs_makes_the_others_raise_within_the_timeout(tmp_path: Path) -> None:
+    ranks.run(2, ranks.failing_save, tmp_path, str(tmp_path), "hang", True)
+    seen = notes(tmp_path)
+    assert seen[0]["error"] == "DistributedError" and 3 < seen[0]["seconds"] < 12  # timeout=4
+    assert seen[1]["error"] == "DistributedError"
+    assert [r.step for r in torchkeep.CheckpointManager(tmp_path / "ckpt").list()] == [1]
+
+
+def test_async_save_on_two_ranks_holds_the_state_at_the_call(tmp_path: Path) -> None:
+    ranks.run(2, ranks.fsdp_async, tmp_path, str(tmp_path))
+    states = torch.load(tmp_path / "async.pt")
+    loaded = torchkeep.load(str(tmp_path / "ckpt" / "step-00000002"))
+    assert_same(dict(loaded["model"]), states["at_save"]["model"])
+    assert not torch.equal(states["after"]["model"]["l1.weight"], states["at_save"]["model"]["l1.weight"])
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_a_ddp_run_killed_mid_training_resumes_exactly(tmp_path: Path, async_save: bool) -> None:
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    whole.mkdir()
+    resumed.mkdir()
+    ranks.run(2, ranks.ddp_training, whole, str(whole), 20, -1, async_save)
+    ranks.run(2, ranks.ddp_training, resumed, str(resumed), 20, 13, async_save, killed=(0, 1))
+    steps = [r.step for r in torchkeep.CheckpointManager(resumed / "ckpt").list()]
+    assert steps == [9, 12]  # retention across ranks: rank 0 deleted; the save of step 12 committed
+    ranks.run(2, ranks.ddp_training, resumed, str(resumed), 20, -1, async_save)
+    for rank in (0, 1):  # every parameter, and each rank's own random stream
+        assert torch.equal(torch.load(resumed / f"fingerprint-{rank}.pt"), torch.load(whole / f"fingerprint-{rank}.pt"))
+    assert not torch.equal(torch.load(whole / "fingerprint-0.pt"), torch.load(whole / "fingerprint-1.pt"))
+    seen = notes(resumed)
+    assert seen[1] == {"locked": False, "steps": [15, 18]}  # only rank 0 took the lock
+
+
+def test_a_sharded_save_on_an_object_store(tmp_path: Path, s3_bucket: str) -> None:
+    url = f"{s3_bucket}/run"
+    ranks.run(2, ranks.fsdp_save, tmp_path, url, str(tmp_path))
+    expected = torch.load(tmp_path / "expected.pt")
+    step = f"{url}/ckpt/step-00000003"
+    assert torchkeep.verify(step).method == "xxh3-64"
+    torch.manual_seed(0)
+    model = ranks.Net()
+    record = torchkeep.CheckpointManager(f"{url}/ckpt").restore(model=model)
+    assert record is not None and record.step == 3
+    assert_same(dict(model.state_dict()), expected["model"])
