@@ -129,12 +129,15 @@ def _existing_folder(path: str) -> tuple[Any, str]:
 def _checkpoints_in(path: str) -> list[str]:
     """``path`` itself, or each checkpoint of a manager directory or registry folder that ``path`` is."""
     storage, key = resolve(path)
-    if not storage.is_dir(key) or "manifest.json" in storage.list(key):
+    if not storage.is_dir(key) or {"manifest.json", "torchkeep-files.json"} & set(storage.list(key)):
         return [path]
     names = storage.list(key)
     steps = [n for n in names if n.startswith("step-") and n[5:].isdigit()]
     if steps:
         return [storage.describe(join_key(key, n)) for n in steps]
+    trainer = sorted((n for n in names if n.startswith("checkpoint-") and n[11:].isdigit()), key=lambda n: int(n[11:]))
+    if trainer:  # a Hugging Face Trainer's output_dir: sealed or not, each checkpoint-N is verified
+        return [storage.describe(join_key(key, n)) for n in trainer]
     if "models" in names:
         found = []
         for model in storage.list(join_key(key, "models")):
@@ -152,6 +155,11 @@ def _checkpoints_in(path: str) -> list[str]:
 def inspect(path: str, trust: bool, as_json: bool) -> None:
     """Format, tree, tensors, totals, metadata and provenance, without reading tensor data."""
     info = torchkeep.inspect(path, trust=trust)
+    from torchkeep.formats.fileset import FolderInfo
+
+    if isinstance(info, FolderInfo):
+        _inspect_folder(info, as_json)
+        return
     if as_json:
         _emit({
             "path": info.path, "format": info.format, "format_version": info.format_version,
@@ -176,6 +184,37 @@ def inspect(path: str, trust: bool, as_json: bool) -> None:
     out.print(table)
 
 
+def _inspect_folder(info: Any, as_json: bool) -> None:
+    """A sealed folder (``torchkeep-files.json``): the seal, and each file with what the pickle scan found."""
+    import dataclasses
+
+    if as_json:
+        _emit({
+            "path": info.path, "format": info.format, "format_version": info.format_version,
+            "engine": info.engine, "created": info.created, "metadata": info.metadata,
+            "provenance": info.provenance, "nbytes": info.nbytes, "needs_trust": info.needs_trust,
+            "files": [dataclasses.asdict(f) for f in info.files], "tensors": len(info.tensors),
+        })  # fmt: skip
+        return
+    out = _out()
+    out.print(
+        f"[bold]{info.path}[/bold]  {info.format} v{info.format_version}, {len(info.files)} files, "
+        f"{human_size(info.nbytes)}, written by {info.engine}"
+    )
+    for label, value in (("sealed", info.created), ("metadata", info.metadata)):
+        if value:
+            out.print(f"{label}: {value}")
+    table = Table("file", "size", "pickle", "")
+    for f in info.files:
+        table.add_row(f.path, human_size(f.size), f.pickle, "; ".join(f.findings))
+    out.print(table)
+    if info.needs_trust:
+        out.print(
+            f"[yellow]needs trust[/yellow]: {', '.join(info.needs_trust)} import code off torch's weights_only "
+            "allow-list; only the engine that wrote them should unpickle them."
+        )
+
+
 @cli.command()
 @click.argument("paths", nargs=-1, required=True)
 @click.option("--trust", is_flag=True, help="Unpickle .pth files fully (only files you wrote: runs their code).")
@@ -189,6 +228,8 @@ def verify(paths: Sequence[str], trust: bool, as_json: bool) -> None:
     files), so only its structure could be checked.
     """
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from torchkeep.formats.fileset import FolderVerifyReport
 
     targets = [target for path in paths for target in _checkpoints_in(path)]
     sizes = {}
@@ -215,6 +256,8 @@ def verify(paths: Sequence[str], trust: bool, as_json: bool) -> None:
                 report = torchkeep.verify(target, trust=trust, progress=advance)
                 results.append({"path": target, "ok": True, "tensors": report.tensors, "nbytes": report.nbytes,
                                 "method": report.method, "checksums": report.method != "structure"})  # fmt: skip
+                if isinstance(report, FolderVerifyReport):  # a sealed folder: files, and those added after the seal
+                    results[-1] |= {"files": report.files, "unlisted": list(report.unlisted)}
             except TorchkeepError as err:
                 results.append({"path": target, "ok": False, "error": str(err), "error_type": type(err).__name__,
                                 "damaged": getattr(err, "damaged", [])})  # fmt: skip
@@ -223,7 +266,12 @@ def verify(paths: Sequence[str], trust: bool, as_json: bool) -> None:
         _emit(results)
     else:
         for r in results:
-            if r["ok"] and r["checksums"]:
+            if r["ok"] and "files" in r:
+                size = human_size(r["nbytes"])
+                out.print(f"[green]OK[/green]   {r['path']}: {r['files']} files, {size} ({r['method']})")
+                if r["unlisted"]:
+                    out.print(f"     not in the seal (added later, not checked): {', '.join(r['unlisted'])}")
+            elif r["ok"] and r["checksums"]:
                 size = human_size(r["nbytes"])
                 out.print(f"[green]OK[/green]   {r['path']}: {r['tensors']} tensors, {size} ({r['method']})")
             elif r["ok"]:

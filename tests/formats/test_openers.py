@@ -16,6 +16,7 @@ import torchkeep
 from torchkeep import formats
 from torchkeep.cli import main
 from torchkeep.formats import OPENERS, Format, open_checkpoint
+from torchkeep.formats.fileset import seal_folder
 from torchkeep.formats.source import ManifestSource, StoredTensor, TorchFileSource
 from torchkeep.formats.streaming import CopyJob
 from torchkeep.manifest import TensorEntry
@@ -40,6 +41,11 @@ def write(tmp_path: Path, fmt: Format) -> str:
         index = {"weight_map": {"w": "model-1.safetensors", "b": "model-2.safetensors"}}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index))
         return str(folder)
+    if fmt is Format.FILESET:  # the sharded model above beside an engine's other files, sealed
+        path = write(tmp_path, Format.SAFETENSORS_SHARDED)
+        torch.save({"step": 1}, Path(path) / "optimizer.pt")
+        seal_folder(path, engine="test-engine")
+        return path
     if fmt is Format.TORCH_ZIP:
         torch.save(STATE, tmp_path / "zip.pth")
         return str(tmp_path / "zip.pth")

@@ -14,6 +14,7 @@ from typing import TypeVar
 
 from torchkeep.errors import CheckpointNotFoundError, CorruptCheckpointError
 from torchkeep.formats.detect import Format, detect_format
+from torchkeep.formats.fileset import open_fileset
 from torchkeep.formats.native import open_native
 from torchkeep.formats.safetensors_file import open_safetensors, open_sharded_safetensors
 from torchkeep.formats.source import Source, TorchFileSource
@@ -44,6 +45,7 @@ OPENERS: dict[Format, Callable[[Storage, str], Source]] = {
     Format.SAFETENSORS_SHARDED: open_sharded_safetensors,
     Format.TORCH_ZIP: _open_torch_zip,
     Format.TORCH_LEGACY: _open_torch_legacy,
+    Format.FILESET: open_fileset,
 }
 
 

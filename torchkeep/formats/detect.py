@@ -13,10 +13,12 @@ from torchkeep.errors import (
 from torchkeep.manifest import MANIFEST_NAME
 from torchkeep.storage import Storage
 
-__all__ = ["TORCH_SUFFIXES", "Format", "detect_format"]
+__all__ = ["FILESET_NAME", "TORCH_SUFFIXES", "Format", "detect_format", "is_safetensors_head"]
 
 #: File suffixes saved as a torch zip, the format ``torch.save`` writes.
 TORCH_SUFFIXES = ("pth", "pt", "bin", "ckpt")
+#: The file that seals a folder another engine wrote (see :mod:`torchkeep.formats.fileset`).
+FILESET_NAME = "torchkeep-files.json"
 
 
 class Format(str, enum.Enum):
@@ -27,6 +29,7 @@ class Format(str, enum.Enum):
     SAFETENSORS_SHARDED = "safetensors-sharded"
     TORCH_ZIP = "torch-zip"
     TORCH_LEGACY = "torch-legacy"
+    FILESET = "fileset"  # a folder of another engine's files, sealed with torchkeep-files.json
 
     def __str__(self) -> str:
         return self.value
@@ -60,6 +63,17 @@ class Format(str, enum.Enum):
 
 # torch's legacy (non-zip) files open with its magic number pickled at protocol 2.
 _TORCH_LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+# safetensors refuses a header longer than this (its MAX_HEADER_SIZE).
+_SAFETENSORS_MAX_HEADER = 100_000_000
+
+
+def is_safetensors_head(head: bytes) -> bool:
+    """Whether a file's first bytes are a safetensors header: its little-endian length, then ``{``.
+
+    Asked before taking a file for a pickle: a header of 640 bytes (0x280)
+    begins the file with ``80 02``, the bytes a protocol-2 pickle begins with.
+    """
+    return len(head) >= 9 and head[8:9] == b"{" and 1 < int.from_bytes(head[:8], "little") <= _SAFETENSORS_MAX_HEADER
 
 
 def detect_format(storage: Storage, key: str) -> Format:
@@ -76,11 +90,13 @@ def detect_format(storage: Storage, key: str) -> Format:
         names = storage.list(key)
         if MANIFEST_NAME in names:
             return Format.NATIVE
+        if FILESET_NAME in names:
+            return Format.FILESET
         if sum(n.endswith(".safetensors.index.json") for n in names) == 1:
             return Format.SAFETENSORS_SHARDED
         raise CheckpointNotFoundError(
-            f"{path!r} is a directory without {MANIFEST_NAME}, so it is not a committed checkpoint "
-            "(an interrupted save leaves none). Load a checkpoint directory, a file, or a "
+            f"{path!r} is a directory without {MANIFEST_NAME} or {FILESET_NAME}, so it is not a committed "
+            "checkpoint (an interrupted save leaves neither). Load a checkpoint directory, a file, or a "
             "directory holding one *.safetensors.index.json.",
             path=path,
         )
@@ -91,6 +107,8 @@ def detect_format(storage: Storage, key: str) -> Format:
         return Format.TORCH_ZIP
     if head.startswith(_TORCH_LEGACY_MAGIC):
         return Format.TORCH_LEGACY
+    if is_safetensors_head(head):
+        return Format.SAFETENSORS
     if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
         raise UnsafeCheckpointError(
             f"{path!r} is a plain pickle, not a torch or safetensors file; torchkeep never unpickles "
