@@ -249,3 +249,14 @@ def ddp_training(rank: int, world: int, folder: str, steps: int, kill_at: int, a
     torch.save(fingerprint, f"{folder}/fingerprint-{rank}.pt")
     if rank == 1:
         _note(folder, rank, locked=manager._held.lock is not None, steps=[r.step for r in manager.list()])
+
+
+def fsdp_restore_damaged(rank: int, world: int, folder: str) -> None:
+    """Restore from a checkpoint with a damaged piece: every rank must refuse it alike."""
+    model, optimizer = sharded_net(world)
+    try:
+        torchkeep.CheckpointManager(f"{folder}/ckpt").restore(model=model, optimizer=optimizer)
+    except torchkeep.TorchkeepError as err:
+        _note(folder, rank, error=type(err).__name__, message=str(err))
+    else:
+        _note(folder, rank, error=None)

@@ -78,6 +78,18 @@ def test_a_damaged_piece_is_found_and_restore_falls_back(tmp_path: Path) -> None
         torchkeep.CheckpointManager(tmp_path / "ckpt").restore(model=model)
 
 
+def test_a_piece_damaged_on_one_rank_makes_every_rank_refuse_the_checkpoint(tmp_path: Path) -> None:
+    ranks.run(2, ranks.fsdp_save, tmp_path, str(tmp_path))
+    shard = tmp_path / "ckpt" / "step-00000003" / "rank-00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[8 + int.from_bytes(data[:8], "little") + 1] ^= 0xFF  # the first piece of rank 1, read through DCP
+    shard.write_bytes(bytes(data))
+    ranks.run(2, ranks.fsdp_restore_damaged, tmp_path, str(tmp_path))
+    seen = notes(tmp_path)
+    assert seen[0]["error"] == seen[1]["error"] == "CorruptCheckpointError"  # none restored it, none hung
+    assert "could be restored" in seen[0]["message"] and "rank 1" in seen[0]["message"]
+
+
 @pytest.mark.parametrize(("how", "sharded"), [("kill", True), ("kill", False), ("raise", True), ("raise", False)])
 def test_a_rank_that_dies_or_raises_during_a_save_commits_nothing(tmp_path: Path, how: str, sharded: bool) -> None:
     ranks.run(2, ranks.failing_save, tmp_path, str(tmp_path), how, sharded, killed=(1,) if how == "kill" else ())

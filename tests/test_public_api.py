@@ -101,3 +101,24 @@ def test_stateful_protocol_fits_torch_objects_as_they_are() -> None:
     for obj in (model, optimizer, scheduler, torchkeep.RNGState()):
         assert isinstance(obj, torchkeep.Stateful)
     assert not isinstance({"a": 1}, torchkeep.Stateful)
+
+
+def test_every_error_survives_pickling_with_its_attributes() -> None:
+    """The ranks of a distributed job send each other their errors (pickled by torch.distributed)."""
+    import pickle
+
+    from torchkeep.report import LoadReport
+
+    made = [
+        errors.ChecksumMismatchError("bad bytes", path="p", damaged=["a", "b"]),
+        errors.StateMismatchError("no fit", report=LoadReport(missing=["w"]), path="p", key="model"),
+        errors.StorageError("disk full", path="p"),
+        *(getattr(errors, name)("message", path="p", key="k") for name in errors.__all__
+          if name not in ("ChecksumMismatchError", "StateMismatchError")),
+    ]  # fmt: skip
+    for error in made:
+        back = pickle.loads(pickle.dumps(error))
+        assert type(back) is type(error) and str(back) == str(error)
+        assert back.__dict__ == error.__dict__ or type(error) is errors.StateMismatchError
+    assert pickle.loads(pickle.dumps(made[0])).damaged == ["a", "b"]
+    assert pickle.loads(pickle.dumps(made[1])).report.missing == ["w"]

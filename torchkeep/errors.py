@@ -60,6 +60,18 @@ class TorchkeepError(Exception):
     def __str__(self) -> str:
         return self.message
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled whole (the ranks of a distributed job send each other their errors): the default
+        # rebuilds from args alone, which misses the keyword-only attributes of the subclasses.
+        return (_rebuild, (type(self), self.message, dict(self.__dict__)))
+
+
+def _rebuild(cls: type[TorchkeepError], message: str, state: dict[str, Any]) -> TorchkeepError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, message)
+    error.__dict__.update(state)
+    return error
+
 
 class CheckpointNotFoundError(TorchkeepError, FileNotFoundError):
     """No committed checkpoint exists at the path."""
