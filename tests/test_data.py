@@ -176,3 +176,35 @@ def test_resume_at_the_end_of_an_epoch(workers: int, drop_last: bool, last_posit
     fresh.load_state_dict(state)
     rest, _ = _train(fresh, _loader(fresh, workers, drop_last=drop_last), 3 * per_epoch)
     assert first + rest == expected
+
+
+def test_in_a_distributed_job_each_rank_takes_its_own_equal_share_of_every_epoch() -> None:
+    shares = [torchkeep.ResumableSampler(10, seed=4, num_replicas=3, rank=r) for r in range(3)]
+    drawn = [list(s) for s in shares]
+    assert [len(d) for d in drawn] == [3, 3, 3] and [len(s) for s in shares] == [3, 3, 3]
+    assert len(set().union(*map(set, drawn))) == 9  # disjoint; one index of ten is left out this epoch
+    whole = list(torchkeep.ResumableSampler(10, seed=4))
+    assert drawn[1] == whole[1:9:3]  # every third of the epoch's order, from the rank's place
+    # Each rank's position is its own, and restores only into the same share.
+    sampler = torchkeep.ResumableSampler(10, seed=4, num_replicas=3, rank=1)
+    it = iter(sampler)
+    first = next(it)
+    state = sampler.state_dict()
+    again = torchkeep.ResumableSampler(10, seed=4, num_replicas=3, rank=1)
+    again.load_state_dict(state)
+    assert first == drawn[1][0] and list(again) == drawn[1][1:]
+    with pytest.raises(torchkeep.InvalidArgumentError, match="rank 2 of 3"):
+        torchkeep.ResumableSampler(10, seed=4, num_replicas=3, rank=2).load_state_dict(state)
+
+
+def test_a_distributed_sampler_keeps_its_epoch_per_rank() -> None:
+    from torch.utils.data import DistributedSampler
+
+    from torchkeep.distributed import is_per_rank, load_rank_state, rank_state
+
+    sampler = DistributedSampler(range(8), num_replicas=2, rank=1)
+    sampler.set_epoch(5)
+    assert is_per_rank(sampler) and rank_state("data", sampler) == {"epoch": 5}
+    fresh = DistributedSampler(range(8), num_replicas=2, rank=1)
+    load_rank_state(fresh, {"epoch": 5})
+    assert list(fresh) == list(sampler)
