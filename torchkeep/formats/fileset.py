@@ -50,6 +50,7 @@ from torchkeep.errors import (
     UnsupportedFormatError,
 )
 from torchkeep.formats.detect import FILESET_NAME, TORCH_SUFFIXES, Format, is_safetensors_head
+from torchkeep.formats.native import read_manifest_bytes
 from torchkeep.formats.safetensors_file import open_sharded_safetensors
 from torchkeep.formats.source import ManifestSource, Place
 from torchkeep.formats.streaming import CopyJob
@@ -433,17 +434,7 @@ def _read_manifest(storage: Storage, key: str) -> FolderManifest:
             "it was sealed leaves none, and so does an engine run without torchkeep's seal).",
             path=path,
         )
-    if _is_link(storage, manifest_key):
-        raise CorruptCheckpointError(
-            f"The file manifest of {path!r} is a symbolic link; torchkeep does not follow links out of a folder.",
-            path=path,
-        )
-    size = storage.size(manifest_key)
-    if size > MAX_MANIFEST_BYTES:
-        raise CorruptCheckpointError(
-            f"The file manifest of {path!r} is {size} bytes, over the {MAX_MANIFEST_BYTES}-byte limit.", path=path
-        )
-    return FolderManifest.from_bytes(storage.read(manifest_key), path=path)
+    return FolderManifest.from_bytes(read_manifest_bytes(storage, manifest_key, path, "file manifest"), path=path)
 
 
 def read_folder_manifest(path: str | os.PathLike[str], *, storage: Storage | None = None) -> FolderManifest:

@@ -110,18 +110,23 @@ def read_manifest(storage: Storage, key: str) -> Manifest:
             "(a save that was interrupted leaves none).",
             path=path,
         )
-    local = storage.local_path(manifest_key)
+    return Manifest.from_bytes(read_manifest_bytes(storage, manifest_key, path, "manifest"), path=path)
+
+
+def read_manifest_bytes(storage: Storage, key: str, path: str, what: str) -> bytes:
+    """The bytes of a manifest-like file at ``key`` of the checkpoint at ``path``: never a link, never oversized."""
+    local = storage.local_path(key)
     if local is not None and os.path.islink(local):
         raise CorruptCheckpointError(
-            f"The manifest of {path!r} is a symbolic link; torchkeep does not follow links out of a checkpoint.",
+            f"The {what} of {path!r} is a symbolic link; torchkeep does not follow links out of a checkpoint.",
             path=local,
         )
-    size = storage.size(manifest_key)
+    size = storage.size(key)
     if size > MAX_MANIFEST_BYTES:
         raise CorruptCheckpointError(
-            f"The manifest of {path!r} is {size} bytes, over the {MAX_MANIFEST_BYTES}-byte limit.", path=path
+            f"The {what} of {path!r} is {size} bytes, over the {MAX_MANIFEST_BYTES}-byte limit.", path=path
         )
-    return Manifest.from_bytes(storage.read(manifest_key), path=path)
+    return storage.read(key)
 
 
 def open_native(storage: Storage, key: str) -> ManifestSource:
