@@ -164,6 +164,17 @@ def _note(folder: str, rank: int, **values: Any) -> None:
     Path(folder, f"rank-{rank}.json").write_text(json.dumps(values))
 
 
+def sharded_options_refused(rank: int, world: int, folder: str) -> None:
+    """compression= with sharded state is refused on every rank before anything is gathered or written."""
+    model, optimizer = sharded_net(world)
+    manager = torchkeep.CheckpointManager(f"{folder}/ckpt", compression="zstd")
+    try:
+        manager.save(1, model=model, optimizer=optimizer)
+    except torchkeep.InvalidArgumentError as err:
+        _note(folder, rank, error=str(err))
+    manager.close()
+
+
 def failing_save(rank: int, world: int, folder: str, how: str, sharded: bool) -> None:
     """Step 1 saves; in the save of step 2 one rank dies (SIGKILL), raises, or hangs past the timeout.
 

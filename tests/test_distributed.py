@@ -136,6 +136,19 @@ def test_a_ddp_run_killed_mid_training_resumes_exactly(tmp_path: Path, async_sav
     assert not torch.equal(torch.load(whole / "fingerprint-0.pt"), torch.load(whole / "fingerprint-1.pt"))
     seen = notes(resumed)
     assert seen[1] == {"locked": False, "steps": [15, 18]}  # only rank 0 took the lock
+    # One process without torch.distributed restores the replicated state into a plain model ("module." goes).
+    plain = ranks.Net()
+    record = torchkeep.CheckpointManager(resumed / "ckpt").restore(model=plain)
+    saved = torchkeep.load(str(resumed / "ckpt" / "step-00000018"))["model"]
+    assert record is not None and record.step == 18
+    assert torch.equal(plain.l1.weight, saved["module.l1.weight"])
+
+
+def test_compression_is_refused_for_sharded_state_rather_than_ignored(tmp_path: Path) -> None:
+    ranks.run(2, ranks.sharded_options_refused, tmp_path, str(tmp_path))
+    seen = notes(tmp_path)
+    assert all("compression= and incremental= are not available" in seen[r]["error"] for r in (0, 1))
+    assert torchkeep.CheckpointManager(tmp_path / "ckpt").list() == []
 
 
 def test_a_sharded_save_on_an_object_store(tmp_path: Path, s3_bucket: str) -> None:

@@ -609,6 +609,13 @@ class CheckpointManager:
             raise InvalidArgumentError(f"metrics= holds {sorted(metrics)} but not monitor={self.monitor!r}.")
         encoded = {name: _metric(name, value) for name, value in (metrics or {}).items()}
         meta = {"step": step, "metrics": encoded, "metadata": metadata or {}, "ranks": group.size}
+        sharded = _sharded({name: obj for name, obj in state.items() if not distributed.is_per_rank(obj)})
+        if sharded and (self.compression is not None or self.incremental):
+            raise InvalidArgumentError(
+                "compression= and incremental= are not available for sharded (DTensor, FSDP2) state: its pieces are "
+                "written through torch.distributed.checkpoint uncompressed and whole. Build this manager without "
+                "them; nothing was saved."
+            )
         own = {name: distributed.rank_state(name, obj) for name, obj in state.items() if distributed.is_per_rank(obj)}
         if self.rng:
             own[RNG_KEY] = RNGState().state_dict()
@@ -616,7 +623,7 @@ class CheckpointManager:
         # Each rank's own state (a few small values) is gathered now: this is its snapshot.
         ranks = group.gather(f"gathering each rank's own state for step {step}", own)
         key = self._run.key(step)
-        if _sharded(shared):
+        if sharded:
             trees = distributed.sharded_states(shared)
             if ranks is not None:
                 trees[RANKS_KEY] = ranks
