@@ -805,7 +805,9 @@ class CheckpointManager:
                 )
                 return None
         elif step == "best":
-            best = self.best()
+            if self.monitor is None:
+                raise InvalidArgumentError("restore(step='best') needs the manager's monitor= metric.")
+            best = best_record(records, self.monitor, self.mode)  # of the records every rank was given
             if best is None:
                 raise CheckpointNotFoundError(
                     f"No checkpoint in {self.directory!r} has the metric {self.monitor!r}.", path=self.directory
