@@ -271,3 +271,13 @@ def fsdp_restore_damaged(rank: int, world: int, folder: str) -> None:
         _note(folder, rank, error=type(err).__name__, message=str(err))
     else:
         _note(folder, rank, error=None)
+
+
+def subgroup_save(rank: int, world: int, folder: str) -> None:
+    """Ranks 0 and 1 of 3 checkpoint on their own group; rank 2 takes no part (and builds no manager)."""
+    sub = dist.new_group([0, 1])  # made by every rank, as torch wants
+    if rank < 2:
+        torch.manual_seed(0)
+        with torchkeep.CheckpointManager(f"{folder}/ckpt", process_group=sub, timeout=30) as manager:
+            manager.save(1, model=Net())
+            _note(folder, rank, steps=[r.step for r in manager.list()])

@@ -151,6 +151,11 @@ def test_compression_is_refused_for_sharded_state_rather_than_ignored(tmp_path: 
     assert torchkeep.CheckpointManager(tmp_path / "ckpt").list() == []
 
 
+def test_a_manager_of_a_subgroup_is_built_and_saves_by_its_ranks_alone(tmp_path: Path) -> None:
+    ranks.run(3, ranks.subgroup_save, tmp_path, str(tmp_path))
+    assert notes(tmp_path) == {0: {"steps": [1]}, 1: {"steps": [1]}}
+
+
 def test_a_sharded_save_on_an_object_store(tmp_path: Path, s3_bucket: str) -> None:
     url = f"{s3_bucket}/run"
     ranks.run(2, ranks.fsdp_save, tmp_path, url, str(tmp_path))

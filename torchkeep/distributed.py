@@ -88,7 +88,9 @@ class Group:
         parent = None if process_group in (None, True) else process_group
         ranks = None if parent is None else dist.get_process_group_ranks(parent)
         try:
-            pg = dist.new_group(ranks=ranks, backend="gloo", timeout=datetime.timedelta(seconds=timeout))
+            # Of a given group, only its ranks build the manager: only they take part in making its own.
+            pg = dist.new_group(ranks=ranks, backend="gloo", timeout=datetime.timedelta(seconds=timeout),
+                                use_local_synchronization=ranks is not None)  # fmt: skip
         except Exception as exc:
             raise DistributedError(f"Could not make the checkpoint's process group: {exc}") from exc
         return cls(
