@@ -168,11 +168,18 @@ def sharded_options_refused(rank: int, world: int, folder: str) -> None:
     """compression= with sharded state is refused on every rank before anything is gathered or written."""
     model, optimizer = sharded_net(world)
     manager = torchkeep.CheckpointManager(f"{folder}/ckpt", compression="zstd")
+    refused = []
     try:
         manager.save(1, model=model, optimizer=optimizer)
     except torchkeep.InvalidArgumentError as err:
-        _note(folder, rank, error=str(err))
+        refused.append(str(err))
     manager.close()
+    for bad in ({"directory": "memory://run/ckpt"}, {"directory": f"{folder}/x", "process_group": "nope"}):
+        try:
+            torchkeep.CheckpointManager(**bad)  # type: ignore[arg-type]
+        except torchkeep.InvalidArgumentError as err:
+            refused.append(str(err))
+    _note(folder, rank, refused=refused)
 
 
 def failing_save(rank: int, world: int, folder: str, how: str, sharded: bool) -> None:
@@ -276,8 +283,47 @@ def fsdp_restore_damaged(rank: int, world: int, folder: str) -> None:
 def subgroup_save(rank: int, world: int, folder: str) -> None:
     """Ranks 0 and 1 of 3 checkpoint on their own group; rank 2 takes no part (and builds no manager)."""
     sub = dist.new_group([0, 1])  # made by every rank, as torch wants
+    if rank == 2:
+        try:
+            torchkeep.CheckpointManager(f"{folder}/ckpt", process_group=sub)
+        except torchkeep.InvalidArgumentError as err:
+            _note(folder, rank, refused=str(err))
     if rank < 2:
         torch.manual_seed(0)
         with torchkeep.CheckpointManager(f"{folder}/ckpt", process_group=sub, timeout=30) as manager:
             manager.save(1, model=Net())
             _note(folder, rank, steps=[r.step for r in manager.list()])
+
+
+def preempted_rank(rank: int, world: int, folder: str) -> None:
+    """Rank 1 alone gets SIGUSR1 at step 3: every rank saves step 3, then every rank exits with status 0."""
+    import signal
+
+    torch.manual_seed(0)
+    model = Net()
+    manager = torchkeep.CheckpointManager(f"{folder}/ckpt", install_signal_handler=True, save_every=100)
+    for step in range(1, 10):
+        if step == 3 and rank == 1:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        if manager.should_save(step):
+            _note(folder, rank, saving=step)
+            manager.save(step, model=model)
+    _note(folder, rank, saving=None)
+
+
+def disagreeing_save(rank: int, world: int, folder: str, how: str) -> None:
+    """The ranks pass different steps, or rank 0 fails before any collective (another manager holds the lock)."""
+    import time
+
+    torch.manual_seed(0)
+    manager = torchkeep.CheckpointManager(f"{folder}/ckpt", timeout=20)
+    if how == "locked" and rank == 0:
+        blocker = torchkeep.CheckpointManager(f"{folder}/ckpt", process_group=False)
+        blocker.save(0, model=Net())
+    started = time.monotonic()
+    try:
+        manager.save(5 + rank if how == "steps" else 5, model=Net())
+    except torchkeep.TorchkeepError as err:
+        _note(folder, rank, error=type(err).__name__, message=str(err), seconds=time.monotonic() - started)
+    else:
+        _note(folder, rank, error=None)

@@ -208,3 +208,8 @@ def test_a_distributed_sampler_keeps_its_epoch_per_rank() -> None:
     fresh = DistributedSampler(range(8), num_replicas=2, rank=1)
     load_rank_state(fresh, {"epoch": 5})
     assert list(fresh) == list(sampler)
+
+
+def test_a_dataset_smaller_than_the_ranks_is_refused() -> None:
+    with pytest.raises(torchkeep.InvalidArgumentError, match="3 items cannot be shared by 4 ranks"):
+        torchkeep.ResumableSampler(3, num_replicas=4, rank=0)

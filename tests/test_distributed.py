@@ -44,6 +44,7 @@ def test_a_sharded_checkpoint_loads_whole_in_one_process_without_torch_distribut
     assert_same(dict(loaded["model"]), expected["model"])
     info = torchkeep.inspect(step)
     assert {t.name: t.shape for t in info.tensors}["model.l1.weight"] == (32, 16)  # whole, not its pieces
+    assert not [t.name for t in info.tensors if "@" in t.name]
     # A plain model and optimizer in one process restore from it (optimizer state keyed by parameter name).
     torch.manual_seed(0)
     model = ranks.Net()
@@ -53,10 +54,33 @@ def test_a_sharded_checkpoint_loads_whole_in_one_process_without_torch_distribut
     assert_same(dict(model.state_dict()), expected["model"])
     moments = optimizer.state_dict()["state"][0]
     assert torch.equal(moments["exp_avg"], expected["optimizer"]["state"]["l1.weight"]["exp_avg"])
-    # load_into and convert put the pieces together too.
-    fresh = ranks.Net()
-    torchkeep.load_into(fresh, step, key="model")
+    # load_into and convert put the pieces together too; load_into reads only the part asked for.
+    from torchkeep.formats.source import ManifestSource
+
+    read: list[str] = []
+    original = ManifestSource.read_arrays
+
+    def recording(self: ManifestSource, **kwargs: Any) -> Any:
+        read.extend(kwargs.get("names") or [])
+        return original(self, **kwargs)
+
+    ManifestSource.read_arrays = recording  # type: ignore[method-assign]
+    try:
+        fresh = ranks.Net()
+        torchkeep.load_into(fresh, step, key="model")
+    finally:
+        ManifestSource.read_arrays = original  # type: ignore[method-assign]
     assert_same(dict(fresh.state_dict()), expected["model"])
+    assert read and all(name.startswith("model.") for name in read)
+    # Another shape is refused by name before anything is read into the model.
+    other = ranks.Net()
+    other.l1 = torch.nn.Linear(16, 30)
+    other.l2 = torch.nn.Linear(30, 8)
+    before = other.l2.bias.clone()
+    with pytest.raises(torchkeep.StateMismatchError, match=r"model\.l1\.weight"):
+        torchkeep.CheckpointManager(tmp_path / "ckpt").restore(model=other)
+    assert torch.equal(other.l2.bias, before)
+
     from torchkeep.cli import main
 
     out = tmp_path / "model.safetensors"
@@ -142,18 +166,48 @@ def test_a_ddp_run_killed_mid_training_resumes_exactly(tmp_path: Path, async_sav
     saved = torchkeep.load(str(resumed / "ckpt" / "step-00000018"))["model"]
     assert record is not None and record.step == 18
     assert torch.equal(plain.l1.weight, saved["module.l1.weight"])
+    # A restore that fails after this rank's own state was put back leaves that state as it was.
+    sampler = torchkeep.ResumableSampler(96, seed=3, num_replicas=2, rank=0)
+    with pytest.raises(torchkeep.StateMismatchError):
+        torchkeep.CheckpointManager(resumed / "ckpt").restore(model=torch.nn.Linear(3, 3), data=sampler)
+    assert (sampler.epoch, sampler.position) == (0, 0)
 
 
-def test_compression_is_refused_for_sharded_state_rather_than_ignored(tmp_path: Path) -> None:
+def test_what_a_distributed_manager_cannot_do_is_refused_on_every_rank(tmp_path: Path) -> None:
     ranks.run(2, ranks.sharded_options_refused, tmp_path, str(tmp_path))
     seen = notes(tmp_path)
-    assert all("compression= and incremental= are not available" in seen[r]["error"] for r in (0, 1))
+    for rank in (0, 1):
+        compression, memory, group = seen[rank]["refused"]
+        assert "compression= and incremental= are not available" in compression
+        assert "only this process sees" in memory and "ProcessGroup" in group
     assert torchkeep.CheckpointManager(tmp_path / "ckpt").list() == []
+
+
+def test_a_preemption_signal_on_one_rank_saves_and_stops_every_rank(tmp_path: Path) -> None:
+    ranks.run(2, ranks.preempted_rank, tmp_path, str(tmp_path))  # every rank exits with status 0
+    assert notes(tmp_path) == {0: {"saving": 3}, 1: {"saving": 3}}  # the loop ended at the save, on both
+    assert [r.step for r in torchkeep.CheckpointManager(tmp_path / "ckpt").list()] == [3]
+
+
+@pytest.mark.parametrize("how", ["steps", "locked"])
+def test_ranks_that_disagree_or_fail_early_all_raise_at_once(tmp_path: Path, how: str) -> None:
+    ranks.run(2, ranks.disagreeing_save, tmp_path, str(tmp_path), how)
+    seen = notes(tmp_path)
+    if how == "steps":
+        assert seen[0]["error"] == seen[1]["error"] == "DistributedError"
+        assert "different steps (rank 0: 5, rank 1: 6)" in seen[0]["message"]
+    else:
+        assert seen[0]["error"] == "DirectoryLockedError" and seen[1]["error"] == "DistributedError"
+        assert "rank 0: DirectoryLockedError" in seen[1]["message"]
+    assert all(seen[r]["seconds"] < 10 for r in (0, 1))  # not the timeout (20 s)
+    assert [r.step for r in torchkeep.CheckpointManager(tmp_path / "ckpt").list()] == ([] if how == "steps" else [0])
 
 
 def test_a_manager_of_a_subgroup_is_built_and_saves_by_its_ranks_alone(tmp_path: Path) -> None:
     ranks.run(3, ranks.subgroup_save, tmp_path, str(tmp_path))
-    assert notes(tmp_path) == {0: {"steps": [1]}, 1: {"steps": [1]}}
+    seen = notes(tmp_path)
+    assert seen[0] == seen[1] == {"steps": [1]}
+    assert "Rank 2 is not in the process_group" in seen[2]["refused"]
 
 
 def test_a_sharded_save_on_an_object_store(tmp_path: Path, s3_bucket: str) -> None:

@@ -105,3 +105,25 @@ def test_a_manifest_round_trips_through_its_bytes() -> None:
     again = Manifest.from_bytes(manifest.to_bytes())
     assert again == manifest
     assert msgspec.to_builtins(again)["metadata"] == {"a": [1.5, "é", None]}
+
+
+def test_the_pieces_of_a_sharded_tensor_must_cover_it_once() -> None:
+    from torchkeep.manifest import Chunk, ChunkedTensor, ShardedManifest, ShardEntry, TensorEntry
+
+    def piece(name: str, start: int) -> TensorEntry:
+        return TensorEntry(name=name, kind="torch", dtype="float32", shape=(2, 4), nbytes=32, shard="r.safetensors",
+                           offsets=(start, start + 32), checksum="0" * 16)  # fmt: skip
+
+    def manifest(second_at: int, version: int = 3) -> bytes:
+        chunks = (Chunk(entry="w@0,0", offsets=(0, 0)), Chunk(entry="w@2,0", offsets=(second_at, 0)))
+        return bytes(ShardedManifest(
+            tree={"t": "tensor", "name": "w"}, tensors=(piece("w@0,0", 0), piece("w@2,0", 32)),
+            shards=(ShardEntry(file="r.safetensors", size=64),), format_version=version,
+            chunked={"w": ChunkedTensor(dtype="float32", shape=(4, 4), chunks=chunks)},
+        ).to_bytes())  # fmt: skip
+
+    assert isinstance(Manifest.from_bytes(manifest(2)), ShardedManifest)
+    with pytest.raises(torchkeep.CorruptCheckpointError, match="overlap"):
+        Manifest.from_bytes(manifest(1))  # as many elements as the whole, but row 1 twice and row 3 never
+    with pytest.raises(torchkeep.CorruptCheckpointError, match="format_version 1"):
+        Manifest.from_bytes(manifest(2, version=1))

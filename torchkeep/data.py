@@ -69,11 +69,11 @@ class ResumableSampler(Sampler[int]):
     :meth:`track`. A ``torchdata`` ``StatefulDataLoader`` records the sampler's
     state batch by batch itself: save the loader, and do not track it.
 
-    In a torch.distributed job each rank takes its own part of every epoch,
-    as ``DistributedSampler`` does: rank ``r`` of ``n`` gets every n-th index
-    of the epoch's order from the r-th, all ranks the same number
-    (``length // n``; the few left over are skipped that epoch), so the ranks
-    step in lockstep. Each rank's position is its own; a CheckpointManager
+    In a torch.distributed job each rank takes its own part of every epoch:
+    rank ``r`` of ``n`` gets every n-th index of the epoch's order from the
+    r-th, all ranks the same number (``length // n``; unlike
+    ``DistributedSampler``, which pads by repeating indices, the few left over
+    are skipped that epoch), so the ranks step in lockstep. Each rank's position is its own; a CheckpointManager
     saves it per rank.
 
     Args:
@@ -112,6 +112,11 @@ class ResumableSampler(Sampler[int]):
             rank = torch.distributed.get_rank() if joined else 0
         if num_replicas < 1 or not 0 <= rank < num_replicas:
             raise InvalidArgumentError(f"rank must be in [0, num_replicas), not rank={rank} of {num_replicas}.")
+        if 0 < length < num_replicas:
+            raise InvalidArgumentError(
+                f"{length} items cannot be shared by {num_replicas} ranks: each would get none, and its epochs "
+                "would be empty. Use fewer ranks, or a larger dataset."
+            )
         self.num_replicas = num_replicas
         self.rank = rank
         self.length = length

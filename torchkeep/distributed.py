@@ -85,7 +85,17 @@ class Group:
             if process_group not in (None, False):
                 raise InvalidArgumentError("process_group= was given but torch.distributed is not initialized.")
             return None
-        parent = None if process_group in (None, True) else process_group
+        parent = None if process_group is None or process_group is True else process_group
+        # new_group returns NON_GROUP_MEMBER on the ranks it leaves out.
+        outside = parent is dist.GroupMember.NON_GROUP_MEMBER
+        if parent is not None and not outside and not isinstance(parent, dist.ProcessGroup):
+            raise InvalidArgumentError(
+                f"process_group must be a torch.distributed ProcessGroup, True, False or None, not {parent!r}."
+            )
+        if outside or (parent is not None and dist.get_rank(parent) < 0):
+            raise InvalidArgumentError(
+                f"Rank {dist.get_rank()} is not in the process_group given; only that group's ranks build this manager."
+            )
         ranks = None if parent is None else dist.get_process_group_ranks(parent)
         try:
             # Of a given group, only its ranks build the manager: only they take part in making its own.
@@ -125,6 +135,12 @@ class Group:
         box = [obj]
         self.call(what, lambda: dist.broadcast_object_list(box, src=self.coordinator, group=self.pg))
         return box[0]
+
+    def any(self, what: str, flag: bool) -> bool:
+        """Whether ``flag`` is true on any rank."""
+        value = torch.tensor([int(flag)])
+        self.call(what, lambda: dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.pg))
+        return bool(value.item())
 
     def outcome(self, what: str, error: BaseException | None) -> None:
         """Share the coordinator's outcome of ``what``; every other rank raises if it failed."""
@@ -222,14 +238,18 @@ def sharded_states(state: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def apply_sharded(state: dict[str, Any], loaded: dict[str, Any]) -> None:
+def apply_sharded(state: dict[str, Any], loaded: dict[str, Any], *, strict: bool = True) -> None:
     """Put loaded sharded state dicts back into their objects (see :func:`sharded_states`)."""
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
     modules = modules_of(state)
     for name, obj in state.items():
         if isinstance(obj, nn.Module):
-            set_model_state_dict(obj, loaded[name])
+            set_model_state_dict(obj, loaded[name], options=StateDictOptions(strict=strict))
         elif isinstance(obj, torch.optim.Optimizer):
             set_optimizer_state_dict(model_for(name, obj, modules), obj, loaded[name])
         elif callable(getattr(obj, "load_state_dict", None)):

@@ -10,6 +10,7 @@ after it (:mod:`torchkeep.object_folder`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -32,6 +33,7 @@ from torch import nn
 from torchkeep import distributed
 from torchkeep.compression import Compression
 from torchkeep.distributed import RANKS_KEY, Group
+from torchkeep.dtypes import torch_dtype_name
 from torchkeep.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
@@ -49,7 +51,7 @@ from torchkeep.locking import FolderLock
 from torchkeep.manifest import Manifest
 from torchkeep.model_loading import load_into
 from torchkeep.object_folder import ObjectFolder
-from torchkeep.report import LoadReport
+from torchkeep.report import LoadReport, Mismatch
 from torchkeep.retention import (
     AnyOf,
     CheckpointRecord,
@@ -82,6 +84,23 @@ _LOCK_NAME = ".torchkeep.lock"
 _THREAD = "torchkeep-save"
 #: What makes restore() move on to an older checkpoint: the checkpoint, not the caller's objects, is at fault.
 _DAMAGE = (CorruptCheckpointError, CheckpointNotFoundError, UnsupportedFormatError, StorageError)
+
+
+def _undoer(objects: dict[str, Any], *, rng: bool) -> Any:
+    """A function that puts ``objects`` (and the RNG streams) back as they are now, for a restore that fails."""
+    import copy
+
+    kept = {name: copy.deepcopy(obj.state_dict()) for name, obj in objects.items() if is_stateful(obj)}
+    streams = RNGState().state_dict() if rng else None
+
+    def undo() -> None:
+        for name, state in kept.items():
+            with contextlib.suppress(Exception):  # best effort, on the way to re-raising the real failure
+                objects[name].load_state_dict(state)
+        if streams is not None:
+            RNGState().load_state_dict(streams)
+
+    return undo
 
 
 def _sharded(state: dict[str, Any]) -> bool:
@@ -405,6 +424,12 @@ class CheckpointManager:
         self._last_save = time.monotonic()
         self._held = _Held(self.directory)
         self._group = Group.of(process_group, timeout)
+        if self._group is not None and not callable(getattr(storage, "join", None)):
+            raise InvalidArgumentError(
+                f"{self.directory!r} is in storage that only this process sees ({type(storage).__name__}); the "
+                "ranks of a distributed job need a folder every rank reaches (a shared file system or an object "
+                "store). Pass process_group=False to use it from this rank alone."
+            )
         self._dcp_staging: dict[str, torch.Tensor] = {}
         if install_signal_handler:
             signals = (signal.SIGTERM, signal.SIGUSR1) if install_signal_handler is True else install_signal_handler
@@ -464,12 +489,20 @@ class CheckpointManager:
     # -- saving ---------------------------------------------------------------------------
 
     def should_save(self, step: int) -> bool:
-        """True when ``step`` is due by ``save_every``, ``save_interval`` has passed, or a preemption signal came."""
-        if self._held.preempted is not None:
-            return True
-        if self.save_every is not None and step % self.save_every == 0:
-            return True
-        return self.save_interval is not None and time.monotonic() - self._last_save >= self.save_interval
+        """True when ``step`` is due by ``save_every``, ``save_interval`` has passed, or a preemption signal came.
+
+        In a distributed job with ``save_interval`` or a signal handler, the ranks
+        agree (one small collective on the manager's group), so that all of them
+        save at the same step: call it on every rank at every step it is called on one.
+        """
+        due = (
+            self._held.preempted is not None
+            or (self.save_every is not None and step % self.save_every == 0)
+            or (self.save_interval is not None and time.monotonic() - self._last_save >= self.save_interval)
+        )
+        if self._group is None or (self.save_interval is None and not self._held.previous_handlers):
+            return due
+        return self._group.any(f"agreeing whether step {step} saves", due)
 
     @overload
     def save(
@@ -540,11 +573,11 @@ class CheckpointManager:
         reserved = [name for name in state if name.startswith("_torchkeep")]
         if reserved:
             raise InvalidArgumentError(f"State names starting with '_torchkeep' are reserved: {reserved}.")
-        self._writer()
-        self.wait()  # one save in flight; the staging buffer is free again
         if self._group is not None:
             wants = self.async_save if async_save is None else async_save
             return self._save_distributed(self._group, step, metrics, metadata, wants, state)
+        self._writer()
+        self.wait()  # one save in flight; the staging buffer is free again
         tree = {name: obj.state_dict() if is_stateful(obj) else obj for name, obj in state.items()}
         if self.rng:
             tree[RNG_KEY] = RNGState().state_dict()
@@ -604,24 +637,61 @@ class CheckpointManager:
         wants_async: bool,
         state: dict[str, Any],
     ) -> CheckpointRecord | SaveHandle:
-        """The save of one rank of a distributed job (see the class docstring)."""
-        if self.monitor is not None and metrics and self.monitor not in metrics:
-            raise InvalidArgumentError(f"metrics= holds {sorted(metrics)} but not monitor={self.monitor!r}.")
+        """The save of one rank of a distributed job (see the class docstring).
+
+        The ranks first agree: each sends its step, whether a preemption signal
+        reached it, its own state (a few small values: this is its snapshot) or
+        the error it met getting there; rank 0 sends back one verdict, so that a
+        rank that failed early makes every rank raise at once, not after the timeout.
+        """
+        error: BaseException | None = None
+        mine: tuple[int, bool, dict[str, Any]] | None = None
+        try:
+            self._writer()
+            self.wait()  # one save in flight; the staging buffer is free again
+            if self.monitor is not None and metrics and self.monitor not in metrics:
+                raise InvalidArgumentError(f"metrics= holds {sorted(metrics)} but not monitor={self.monitor!r}.")
+            sharded = _sharded({name: obj for name, obj in state.items() if not distributed.is_per_rank(obj)})
+            if sharded and (self.compression is not None or self.incremental):
+                raise InvalidArgumentError(
+                    "compression= and incremental= are not available for sharded (DTensor, FSDP2) state: its pieces "
+                    "are written through torch.distributed.checkpoint uncompressed and whole. Build this manager "
+                    "without them; nothing was saved."
+                )
+            own = {n: distributed.rank_state(n, obj) for n, obj in state.items() if distributed.is_per_rank(obj)}
+            if self.rng:
+                own[RNG_KEY] = RNGState().state_dict()
+            mine = (step, self._held.preempted is not None, own)
+        except BaseException as exc:
+            error = exc
+        sent = group.gather(
+            f"agreeing on the save of step {step}",
+            (mine, None if error is None else f"{type(error).__name__}: {error}"),
+        )
+        verdict, preempted = None, False
+        if sent is not None:
+            failed = [f"rank {r}: {message}" for r, (_, message) in enumerate(sent) if message is not None]
+            steps = [got[0] for got, _ in sent if got is not None]
+            preempted = any(got[1] for got, _ in sent if got is not None)
+            if failed:
+                verdict = "; ".join(failed)
+            elif len(set(steps)) > 1:
+                verdict = (
+                    f"the ranks saved different steps ({', '.join(f'rank {r}: {s}' for r, s in enumerate(steps))})"
+                )
+        verdict, preempted = group.broadcast(f"agreeing on the save of step {step}", (verdict, preempted))
+        if error is not None:
+            raise error
+        if verdict is not None:
+            raise DistributedError(f"Rank {group.rank} of {group.size}: nothing was saved for step {step}: {verdict}.")
+        assert mine is not None
+        if preempted and self._held.preempted is None:
+            self._held.preempted = signal.SIGTERM  # another rank was signalled: every rank stops after this save
+        ranks = None if sent is None else [got[2] for got, _ in sent]
+        own = mine[2]
         encoded = {name: _metric(name, value) for name, value in (metrics or {}).items()}
         meta = {"step": step, "metrics": encoded, "metadata": metadata or {}, "ranks": group.size}
-        sharded = _sharded({name: obj for name, obj in state.items() if not distributed.is_per_rank(obj)})
-        if sharded and (self.compression is not None or self.incremental):
-            raise InvalidArgumentError(
-                "compression= and incremental= are not available for sharded (DTensor, FSDP2) state: its pieces are "
-                "written through torch.distributed.checkpoint uncompressed and whole. Build this manager without "
-                "them; nothing was saved."
-            )
-        own = {name: distributed.rank_state(name, obj) for name, obj in state.items() if distributed.is_per_rank(obj)}
-        if self.rng:
-            own[RNG_KEY] = RNGState().state_dict()
         shared = {name: obj for name, obj in state.items() if name not in own}
-        # Each rank's own state (a few small values) is gathered now: this is its snapshot.
-        ranks = group.gather(f"gathering each rank's own state for step {step}", own)
         key = self._run.key(step)
         if sharded:
             trees = distributed.sharded_states(shared)
@@ -655,10 +725,15 @@ class CheckpointManager:
 
         self._last_save = time.monotonic()
         if not wants_async:
-            return work()
+            record = work()
+            self._exit_if_preempted()
+            return record
         executor = self._held.executor or self._held.start_thread()
         handle = SaveHandle(step, executor.submit(work))
         self._held.inflight = handle
+        if self._held.preempted is not None:
+            self.wait()
+            self._exit_if_preempted()
         return handle
 
     def _share_record(self, group: Group, step: int, commit: Any) -> CheckpointRecord:
@@ -863,12 +938,30 @@ class CheckpointManager:
             for name, obj in state.items()
             if name not in saved and RANKS_KEY in saved and distributed.is_per_rank(obj)
         }
-        if own:  # saved per rank by a distributed job: restored from this rank's part below
+        if own:  # saved per rank by a distributed job: restored from this rank's part
             state = {name: obj for name, obj in state.items() if name not in own}
-        if isinstance(source, ManifestSource) and source.chunked:
-            self._apply_sharded(source, state, saved, record)
-            self._apply_rank_state(source, own, saved)
-            return
+        if not (isinstance(source, ManifestSource) and source.chunked) and _sharded(state):
+            raise StateMismatchError(
+                f"Checkpoint {record.path!r} holds whole (unsharded) state, and the model passed is sharded (DTensor "
+                "parameters, fully_shard); nothing was restored. Restore into the model before sharding it, then "
+                "shard it.",
+                report=LoadReport(),
+                path=record.path,
+            )
+        undo = _undoer(own, rng=self.rng and RANKS_KEY in saved)
+        try:
+            self._apply_rank_state(source, own, saved)  # first: a rank that does not fit touches nothing else
+            if isinstance(source, ManifestSource) and source.chunked:
+                self._apply_sharded(source, state, saved, record, strict)
+            else:
+                self._apply_whole(source, state, saved, record, strict)
+        except BaseException:
+            undo()
+            raise
+
+    def _apply_whole(
+        self, source: Source, state: dict[str, Any], saved: Sequence[Any], record: CheckpointRecord, strict: bool
+    ) -> None:
         missing = [name for name in state if name not in saved]
         if missing:
             shown = [name for name in saved if not str(name).startswith("_torchkeep")]
@@ -916,21 +1009,45 @@ class CheckpointManager:
                 obj.load_state_dict(read_source(source, key=name, mmap=False))
         if self.rng and RNG_KEY in saved:
             RNGState().load_state_dict(read_source(source, key=RNG_KEY, mmap=False))
-        self._apply_rank_state(source, own, saved)
 
     def _apply_sharded(
-        self, source: ManifestSource, state: dict[str, Any], saved: Sequence[Any], record: CheckpointRecord
+        self,
+        source: ManifestSource,
+        state: dict[str, Any],
+        saved: Sequence[Any],
+        record: CheckpointRecord,
+        strict: bool,
     ) -> None:
-        """Restore from a checkpoint written by several ranks, through DCP (any number of ranks, or none)."""
+        """Restore from a checkpoint written by several ranks, through DCP (any number of ranks, or none).
+
+        Names and shapes are checked against the checkpoint before anything is read or touched.
+        """
         missing = [name for name in state if name not in saved]
         targets = distributed.sharded_states(state)
         flat = distributed.flatten_for_dcp(targets)
         absent = sorted(name for name in flat.tensors if name not in source.chunked)
-        if missing or absent:
+        if missing or (absent and strict):
             raise StateMismatchError(
                 f"Checkpoint {record.path!r} does not hold {missing or absent[:5]}; it holds "
-                f"{[n for n in saved if not str(n).startswith('_torchkeep')]}.",
+                f"{[n for n in saved if not str(n).startswith('_torchkeep')]}."
+                + ("" if missing else " Pass strict=False to leave those as they are."),
                 report=LoadReport(missing=missing or absent),
+                path=record.path,
+            )
+        for name in absent:  # strict=False: what the checkpoint lacks keeps its value
+            del flat.tensors[name]
+        wrong = [
+            Mismatch(name, tuple(t.shape), torch_dtype_name(t.dtype), source.chunked[name].shape,
+                     source.chunked[name].dtype)
+            for name, t in flat.tensors.items()
+            if tuple(t.shape) != source.chunked[name].shape
+        ]  # fmt: skip
+        if wrong:
+            raise StateMismatchError(
+                f"Checkpoint {record.path!r} does not fit: {len(wrong)} tensor(s) have another shape, first "
+                f"{wrong[0].key!r}: {list(wrong[0].found_shape)} saved, {list(wrong[0].expected_shape)} here; "
+                "nothing was restored.",
+                report=LoadReport(mismatched=wrong),
                 path=record.path,
             )
         self._check_the_rest(source, [*state, RANKS_KEY])
@@ -944,7 +1061,7 @@ class CheckpointManager:
             if rest:
                 arrays.update(source.arrays_named(rest))
             loaded[name] = decode_tree(node, arrays, path=source.path)
-        distributed.apply_sharded(state, loaded)
+        distributed.apply_sharded(state, loaded, strict=strict)
 
     def _check_the_rest(self, source: ManifestSource, wanted: Sequence[Any]) -> None:
         """Verify what a sharded restore does not read, before anything is touched; ranks share the work.

@@ -428,6 +428,12 @@ def _check_entries(manifest: Manifest, path: str | None) -> None:
 
 def _check_chunks(manifest: ShardedManifest, path: str | None) -> None:
     """Every chunk names a stored tensor of its dtype, inside its whole tensor; together they cover it once."""
+    if manifest.format_version < 3:
+        raise CorruptCheckpointError(
+            f"The manifest of {path!r} is damaged: it has sharded tensors but format_version "
+            f"{manifest.format_version} (they came with version 3).",
+            path=path,
+        )
     entries = {t.name: t for t in manifest.tensors}
     for name, whole in manifest.chunked.items():
         covered = 0
@@ -446,6 +452,15 @@ def _check_chunks(manifest: ShardedManifest, path: str | None) -> None:
                     key=name,
                 )
             covered += math.prod(entry.shape)
+        boxes = [(c.offsets, entries[c.entry].shape) for c in whole.chunks]
+        overlap = _first_overlap(boxes)
+        if overlap is not None:
+            raise CorruptCheckpointError(
+                f"The manifest of {path!r} is damaged: chunks {whole.chunks[overlap[0]].entry!r} and "
+                f"{whole.chunks[overlap[1]].entry!r} of {name!r} overlap.",
+                path=path,
+                key=name,
+            )
         if covered != math.prod(whole.shape):
             raise CorruptCheckpointError(
                 f"The manifest of {path!r} is damaged: the chunks of {name!r} hold {covered} elements, "
@@ -453,6 +468,24 @@ def _check_chunks(manifest: ShardedManifest, path: str | None) -> None:
                 path=path,
                 key=name,
             )
+
+
+def _first_overlap(boxes: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> tuple[int, int] | None:
+    """The first two boxes (offsets, sizes) that share an element; pieces of one tensor are few."""
+    order = sorted(range(len(boxes)), key=lambda i: boxes[i][0])
+    for a_at, a in enumerate(order):
+        a_start, a_size = boxes[a]
+        if 0 in a_size:
+            continue
+        for b in order[a_at + 1 :]:
+            b_start, b_size = boxes[b]
+            if 0 in b_size:
+                continue
+            if all(
+                s1 < s2 + n2 and s2 < s1 + n1 for s1, n1, s2, n2 in zip(a_start, a_size, b_start, b_size, strict=True)
+            ):
+                return a, b
+    return None
 
 
 def _canonical_checksum(data: dict[str, Any]) -> str:

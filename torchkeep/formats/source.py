@@ -63,9 +63,9 @@ class StoredTensor(msgspec.Struct, frozen=True, gc=False):
         return torch_dtype_from_name(self.entry.dtype, key=self.entry.name)
 
 
-def _whole_entry(name: str, whole: ChunkedTensor) -> TensorEntry:
+def _whole_entry(name: str, whole: ChunkedTensor, path: str) -> TensorEntry:
     """A stand-in entry for a whole sharded tensor: its dtype and shape; its bytes are in its chunks."""
-    nbytes = math.prod(whole.shape) * torch_dtype_from_name(whole.dtype).itemsize
+    nbytes = math.prod(whole.shape) * torch_dtype_from_name(whole.dtype, path=path, key=name).itemsize
     return TensorEntry(
         name=name, kind="torch", dtype=whole.dtype, shape=whole.shape, nbytes=nbytes, shard="", offsets=(0, 0),
         checksum="",
@@ -114,13 +114,18 @@ class ManifestSource:
         """The whole tensors of a checkpoint written in pieces by several ranks (empty for any other)."""
         return self.manifest.chunked if isinstance(self.manifest, ShardedManifest) else {}
 
+    def _named_entries(self) -> list[TensorEntry]:
+        """The entries the tree names (whole tensors, and arrays stored whole), not the pieces."""
+        named = set(tensor_names(self.manifest.tree))
+        return [e for name, e in self.leaf_entries.items() if name in named]
+
     @functools.cached_property
     def leaf_entries(self) -> dict[str, TensorEntry]:
         """The entries the tree names: the stored tensors, or for a sharded checkpoint its whole tensors."""
         if not self.chunked:
             return {e.name: e for e in self.manifest.tensors}
         entries = {e.name: e for e in self.manifest.tensors}  # arrays DCP does not carry are stored whole
-        entries.update((name, _whole_entry(name, whole)) for name, whole in self.chunked.items())
+        entries.update((name, _whole_entry(name, whole, self.path)) for name, whole in self.chunked.items())
         return entries
 
     def top_level_names(self) -> list[Any] | None:
@@ -139,7 +144,7 @@ class ManifestSource:
                 shard=f"../objects/{e.shard}" if e.shard in self.shared else (e.shard or None),
                 checksum=e.checksum or None, shared=e.shard in self.shared,
             )
-            for e in (self.leaf_entries.values() if self.chunked else manifest.tensors)
+            for e in (self._named_entries() if self.chunked else manifest.tensors)
         }  # fmt: skip
         return CheckpointInfo(
             path=self.path,
