@@ -327,3 +327,25 @@ def disagreeing_save(rank: int, world: int, folder: str, how: str) -> None:
         _note(folder, rank, error=type(err).__name__, message=str(err), seconds=time.monotonic() - started)
     else:
         _note(folder, rank, error=None)
+
+
+def failing_restore(rank: int, world: int, folder: str) -> None:
+    """Rank 0's restore fails before any collective (its listing raises): every rank raises at once."""
+    import time
+
+    torch.manual_seed(0)
+    manager = torchkeep.CheckpointManager(f"{folder}/ckpt", timeout=20)
+    manager.save(1, model=Net())
+    if rank == 0:
+
+        def broken() -> Any:
+            raise torchkeep.StorageError("listing failed (injected)")
+
+        manager.list = broken  # type: ignore[method-assign]
+    started = time.monotonic()
+    try:
+        manager.restore(model=Net())
+    except torchkeep.TorchkeepError as err:
+        _note(folder, rank, error=type(err).__name__, message=str(err), seconds=time.monotonic() - started)
+    else:
+        _note(folder, rank, error=None)

@@ -203,6 +203,14 @@ def test_ranks_that_disagree_or_fail_early_all_raise_at_once(tmp_path: Path, how
     assert [r.step for r in torchkeep.CheckpointManager(tmp_path / "ckpt").list()] == ([] if how == "steps" else [0])
 
 
+def test_a_rank_whose_restore_fails_first_makes_every_rank_raise_at_once(tmp_path: Path) -> None:
+    ranks.run(2, ranks.failing_restore, tmp_path, str(tmp_path))
+    seen = notes(tmp_path)
+    assert seen[0]["error"] == "StorageError" and seen[1]["error"] == "DistributedError"
+    assert "rank 0: StorageError: listing failed" in seen[1]["message"]
+    assert all(seen[r]["seconds"] < 10 for r in (0, 1))  # not the timeout (20 s)
+
+
 def test_a_manager_of_a_subgroup_is_built_and_saves_by_its_ranks_alone(tmp_path: Path) -> None:
     ranks.run(3, ranks.subgroup_save, tmp_path, str(tmp_path))
     seen = notes(tmp_path)

@@ -857,10 +857,11 @@ class CheckpointManager:
             CorruptCheckpointError: no checkpoint in the directory verifies.
             StateMismatchError: a named state is not in the checkpoint, or does not fit.
         """
-        self.wait()
-        records = self.list()
-        if self._group is not None:  # every rank restores the same checkpoint: rank 0's view decides
-            records = self._group.broadcast("listing the checkpoints to restore", records)
+        if self._group is None:
+            self.wait()
+            records = self.list()
+        else:
+            records = [*self._agreed_records()]
         if step is None:
             candidates = list(reversed(records))
             if not candidates:
@@ -930,6 +931,29 @@ class CheckpointManager:
             f"No checkpoint in {self.directory!r} could be restored:\n  " + "\n  ".join(reasons),
             path=self.directory,
         )
+
+    def _agreed_records(self) -> Sequence[CheckpointRecord]:
+        """Rank 0's list of checkpoints, on every rank, so that all restore the same one.
+
+        A rank that fails first (a background save's failure re-raised) makes every rank raise at once.
+        """
+        assert self._group is not None
+        error: BaseException | None = None
+        records: Sequence[CheckpointRecord] = ()
+        try:
+            self.wait()
+            records = self.list()
+        except BaseException as exc:
+            error = exc
+        problem = None if error is None else f"{type(error).__name__}: {error}"
+        sent = self._group.gather("agreeing on the restore", problem)
+        failed = [f"rank {r}: {message}" for r, message in enumerate(sent or []) if message is not None]
+        verdict, records = self._group.broadcast("agreeing on the restore", ("; ".join(failed) or None, records))
+        if error is not None:
+            raise error
+        if verdict is not None:
+            raise DistributedError(f"Rank {self._group.rank} of {self._group.size}: nothing was restored: {verdict}.")
+        return records
 
     def _apply(self, source: Source, state: dict[str, Any], record: CheckpointRecord, strict: bool) -> None:
         saved = source.top_level_names() or []
