@@ -349,3 +349,19 @@ def failing_restore(rank: int, world: int, folder: str) -> None:
         _note(folder, rank, error=type(err).__name__, message=str(err), seconds=time.monotonic() - started)
     else:
         _note(folder, rank, error=None)
+
+
+def mismatched_restore(rank: int, world: int, folder: str) -> None:
+    """Rank 0 restores model and optimizer, rank 1 the model only: both refuse, nothing is touched."""
+    torch.manual_seed(0)
+    model = Net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    manager = torchkeep.CheckpointManager(f"{folder}/ckpt", timeout=20)
+    manager.save(1, model=model, optimizer=optimizer)
+    asked = {"model": model, "optimizer": optimizer} if rank == 0 else {"model": model}
+    try:
+        manager.restore(**asked)
+    except torchkeep.TorchkeepError as err:
+        _note(folder, rank, error=type(err).__name__, message=str(err))
+    else:
+        _note(folder, rank, error=None)

@@ -211,6 +211,13 @@ def test_a_rank_whose_restore_fails_first_makes_every_rank_raise_at_once(tmp_pat
     assert all(seen[r]["seconds"] < 10 for r in (0, 1))  # not the timeout (20 s)
 
 
+def test_ranks_restoring_different_objects_all_refuse(tmp_path: Path) -> None:
+    ranks.run(2, ranks.mismatched_restore, tmp_path, str(tmp_path))
+    seen = notes(tmp_path)
+    assert seen[0]["error"] == seen[1]["error"] == "DistributedError"
+    assert "rank 0: step=None, ['model', 'optimizer'], rank 1: step=None, ['model']" in seen[0]["message"]
+
+
 def test_a_manager_of_a_subgroup_is_built_and_saves_by_its_ranks_alone(tmp_path: Path) -> None:
     ranks.run(3, ranks.subgroup_save, tmp_path, str(tmp_path))
     seen = notes(tmp_path)

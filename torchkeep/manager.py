@@ -861,7 +861,7 @@ class CheckpointManager:
             self.wait()
             records = self.list()
         else:
-            records = [*self._agreed_records()]
+            records = [*self._agreed_records(step, sorted(state))]
         if step is None:
             candidates = list(reversed(records))
             if not candidates:
@@ -932,10 +932,11 @@ class CheckpointManager:
             path=self.directory,
         )
 
-    def _agreed_records(self) -> Sequence[CheckpointRecord]:
+    def _agreed_records(self, step: Any, names: Sequence[str]) -> Sequence[CheckpointRecord]:
         """Rank 0's list of checkpoints, on every rank, so that all restore the same one.
 
-        A rank that fails first (a background save's failure re-raised) makes every rank raise at once.
+        A rank that fails first (a background save's failure re-raised), or that asks for another
+        step or other objects than rank 0, makes every rank raise at once.
         """
         assert self._group is not None
         error: BaseException | None = None
@@ -946,8 +947,15 @@ class CheckpointManager:
         except BaseException as exc:
             error = exc
         problem = None if error is None else f"{type(error).__name__}: {error}"
-        sent = self._group.gather("agreeing on the restore", problem)
-        failed = [f"rank {r}: {message}" for r, message in enumerate(sent or []) if message is not None]
+        sent = self._group.gather("agreeing on the restore", (problem, step, names))
+        failed = [f"rank {r}: {message}" for r, (message, _, _) in enumerate(sent or []) if message is not None]
+        asked = {(repr(s), tuple(n)) for _, s, n in sent or []}
+        if not failed and len(asked) > 1:
+            failed = [
+                "the ranks asked for different restores ("
+                + ", ".join(f"rank {r}: step={s!r}, {n}" for r, (_, s, n) in enumerate(sent or []))
+                + ")"
+            ]
         verdict, records = self._group.broadcast("agreeing on the restore", ("; ".join(failed) or None, records))
         if error is not None:
             raise error
