@@ -164,6 +164,19 @@ def _note(folder: str, rank: int, **values: Any) -> None:
     Path(folder, f"rank-{rank}.json").write_text(json.dumps(values))
 
 
+def _attempt(folder: str, rank: int, call: Callable[[], Any]) -> None:
+    """Run ``call`` and note what it raised (type, message) and how long it took, or that it raised nothing."""
+    import time
+
+    started = time.monotonic()
+    try:
+        call()
+    except Exception as err:
+        _note(folder, rank, error=type(err).__name__, message=str(err), seconds=time.monotonic() - started)
+    else:
+        _note(folder, rank, error=None, seconds=time.monotonic() - started)
+
+
 def sharded_options_refused(rank: int, world: int, folder: str) -> None:
     """compression= with sharded state is refused on every rank before anything is gathered or written."""
     model, optimizer = sharded_net(world)
@@ -218,13 +231,7 @@ def failing_save(rank: int, world: int, folder: str, how: str, sharded: bool) ->
             manager_module.write_job = fail  # type: ignore[assignment]
         else:
             distributed.Group.gather = fail  # type: ignore[method-assign]
-    started = time.monotonic()
-    try:
-        manager.save(2, **state)
-    except Exception as err:
-        _note(folder, rank, error=type(err).__name__, message=str(err), seconds=time.monotonic() - started)
-    else:
-        _note(folder, rank, error=None, seconds=time.monotonic() - started)
+    _attempt(folder, rank, lambda: manager.save(2, **state))
     if how == "hang" and rank == 0:
         time.sleep(9)  # the hung rank wakes to find its peers gone before the job ends
 
@@ -272,12 +279,9 @@ def ddp_training(rank: int, world: int, folder: str, steps: int, kill_at: int, a
 def fsdp_restore_damaged(rank: int, world: int, folder: str) -> None:
     """Restore from a checkpoint with a damaged piece: every rank must refuse it alike."""
     model, optimizer = sharded_net(world)
-    try:
-        torchkeep.CheckpointManager(f"{folder}/ckpt").restore(model=model, optimizer=optimizer)
-    except torchkeep.TorchkeepError as err:
-        _note(folder, rank, error=type(err).__name__, message=str(err))
-    else:
-        _note(folder, rank, error=None)
+    _attempt(
+        folder, rank, lambda: torchkeep.CheckpointManager(f"{folder}/ckpt").restore(model=model, optimizer=optimizer)
+    )
 
 
 def subgroup_save(rank: int, world: int, folder: str) -> None:
@@ -313,25 +317,17 @@ def preempted_rank(rank: int, world: int, folder: str) -> None:
 
 def disagreeing_save(rank: int, world: int, folder: str, how: str) -> None:
     """The ranks pass different steps, or rank 0 fails before any collective (another manager holds the lock)."""
-    import time
 
     torch.manual_seed(0)
     manager = torchkeep.CheckpointManager(f"{folder}/ckpt", timeout=20)
     if how == "locked" and rank == 0:
         blocker = torchkeep.CheckpointManager(f"{folder}/ckpt", process_group=False)
         blocker.save(0, model=Net())
-    started = time.monotonic()
-    try:
-        manager.save(5 + rank if how == "steps" else 5, model=Net())
-    except torchkeep.TorchkeepError as err:
-        _note(folder, rank, error=type(err).__name__, message=str(err), seconds=time.monotonic() - started)
-    else:
-        _note(folder, rank, error=None)
+    _attempt(folder, rank, lambda: manager.save(5 + rank if how == "steps" else 5, model=Net()))
 
 
 def failing_restore(rank: int, world: int, folder: str) -> None:
     """Rank 0's restore fails before any collective (its listing raises): every rank raises at once."""
-    import time
 
     torch.manual_seed(0)
     manager = torchkeep.CheckpointManager(f"{folder}/ckpt", timeout=20)
@@ -342,13 +338,7 @@ def failing_restore(rank: int, world: int, folder: str) -> None:
             raise torchkeep.StorageError("listing failed (injected)")
 
         manager.list = broken  # type: ignore[method-assign]
-    started = time.monotonic()
-    try:
-        manager.restore(model=Net())
-    except torchkeep.TorchkeepError as err:
-        _note(folder, rank, error=type(err).__name__, message=str(err), seconds=time.monotonic() - started)
-    else:
-        _note(folder, rank, error=None)
+    _attempt(folder, rank, lambda: manager.restore(model=Net()))
 
 
 def mismatched_restore(rank: int, world: int, folder: str) -> None:
@@ -359,9 +349,4 @@ def mismatched_restore(rank: int, world: int, folder: str) -> None:
     manager = torchkeep.CheckpointManager(f"{folder}/ckpt", timeout=20)
     manager.save(1, model=model, optimizer=optimizer)
     asked = {"model": model, "optimizer": optimizer} if rank == 0 else {"model": model}
-    try:
-        manager.restore(**asked)
-    except torchkeep.TorchkeepError as err:
-        _note(folder, rank, error=type(err).__name__, message=str(err))
-    else:
-        _note(folder, rank, error=None)
+    _attempt(folder, rank, lambda: manager.restore(**asked))
