@@ -10,8 +10,8 @@ PY := $(VENV)/bin/python
 $(VENV)/.installed: pyproject.toml requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# torch first and alone (the same pin as requirements-dev.txt): resolved together with the rest,
-	# pip may take the multi-GB CUDA build of the same version instead of the CPU wheel on disk
+	# torch==2.13.0 first and alone, as requirements-dev.txt pins it: resolved together with the rest,
+	# pip may take the multi-GB CUDA build of that version instead of the CPU wheel on disk
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	touch $@
