@@ -465,13 +465,9 @@ def load_into(
     if isinstance(source, ManifestSource) and source.chunked:
         # Written in pieces by several ranks: the whole tensors (of the part asked for only) are put together first.
         top = key if isinstance(key, str) else key[0] if isinstance(key, (list, tuple)) and key else None
-        if top is not None and top in (source.top_level_names() or []):
-            part = read_source(source, map_location=map_location, dtype=dtype, verify=verify, key=top, mmap=False)
-            source = _Assembled({top: part}, source.path)
-        else:
-            source = _Assembled(
-                read_source(source, map_location=map_location, dtype=dtype, verify=verify, mmap=False), source.path
-            )
+        part = top if top is not None and top in (source.top_level_names() or []) else None
+        tree = read_source(source, map_location=map_location, dtype=dtype, verify=verify, key=part, mmap=False)
+        source = _Assembled(tree if part is None else {part: tree}, source.path)
         map_location, dtype = None, None
     if isinstance(target, nn.Module):
         return _load_module(

@@ -99,11 +99,11 @@ def stall(*args, **kwargs):
     open(flag, "w").close()
     time.sleep(600)  # killed here
 if when == "before-commit":  # every object uploaded and answered, the marker not yet written
-    settle = objectstore._ObjectTransaction._settle
-    def settled_then_stall(self):
-        settle(self)
+    results = objectstore._Bounded.results
+    def answered_then_stall(self):
+        results(self)
         stall()
-    objectstore._ObjectTransaction._settle = settled_then_stall
+    objectstore._Bounded.results = answered_then_stall
     manager.save(2, model={"w": torch.full((1 << 20,), 2.0)})
 else:  # mid-upload: the shard's multipart upload has sent its first part
     send = objectstore._Multipart.send

@@ -122,9 +122,7 @@ class ManifestSource:
     @functools.cached_property
     def leaf_entries(self) -> dict[str, TensorEntry]:
         """The entries the tree names: the stored tensors, or for a sharded checkpoint its whole tensors."""
-        if not self.chunked:
-            return {e.name: e for e in self.manifest.tensors}
-        entries = {e.name: e for e in self.manifest.tensors}  # arrays DCP does not carry are stored whole
+        entries = {e.name: e for e in self.manifest.tensors}  # in a sharded one: the pieces, and arrays stored whole
         entries.update((name, _whole_entry(name, whole, self.path)) for name, whole in self.chunked.items())
         return entries
 

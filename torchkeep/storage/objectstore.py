@@ -476,6 +476,43 @@ def _generation_time(generation: str) -> float:
         return 0.0
 
 
+class _Bounded:
+    """Calls run on a few threads, at most ``limit`` at once: :meth:`submit` waits for the oldest beyond that.
+
+    Memory held by the calls in flight (the bytes they send) stays bounded the same way.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self.futures: list[concurrent.futures.Future[Any]] = []
+
+    def submit(self, call: Callable[[], Any]) -> None:
+        in_flight = [f for f in self.futures if not f.done()]
+        if len(in_flight) >= self._limit:
+            in_flight[0].result()
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(self._limit, "torchkeep-put")
+        self.futures.append(self._pool.submit(call))
+
+    def results(self) -> list[Any]:
+        """Every call's result, in order, once all are answered; the first failure is raised then."""
+        concurrent.futures.wait(self.futures)
+        self.close()
+        return [f.result() for f in self.futures]
+
+    def cancel(self) -> None:
+        """Drop the calls not started yet and wait for the running ones."""
+        for future in self.futures:
+            future.cancel()
+        self.close()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+
 class _Multipart:
     """An S3 multipart upload with its parts sent on a few threads at once, each retried on its own.
 
@@ -488,8 +525,7 @@ class _Multipart:
         self._bucket, self._object, _ = storage.fs.split_path(physical)
         created = self._s3("create_multipart_upload", Bucket=self._bucket, Key=self._object)
         self._upload_id = created["UploadId"]
-        self._pool = concurrent.futures.ThreadPoolExecutor(_PARALLEL_PARTS, "torchkeep-put")
-        self._parts: list[concurrent.futures.Future[dict[str, Any]]] = []
+        self._parts = _Bounded(_PARALLEL_PARTS)
 
     def _s3(self, method: str, **kwargs: Any) -> dict[str, Any]:
         result: dict[str, Any] = self._storage._call(
@@ -499,10 +535,7 @@ class _Multipart:
 
     def send(self, data: bytes) -> None:
         """Upload ``data`` as the next part, waiting first if too many parts are in flight."""
-        in_flight = [f for f in self._parts if not f.done()]
-        if len(in_flight) >= _PARALLEL_PARTS:
-            in_flight[0].result()
-        number = len(self._parts) + 1
+        number = len(self._parts.futures) + 1
 
         def upload() -> dict[str, Any]:
             out = self._s3("upload_part", Bucket=self._bucket, Key=self._object, UploadId=self._upload_id,
@@ -510,21 +543,16 @@ class _Multipart:
             _moved("up", len(data))
             return {"PartNumber": number, "ETag": out["ETag"]}
 
-        self._parts.append(self._pool.submit(upload))
+        self._parts.submit(upload)
 
     def finish(self) -> None:
         """Wait for every part, then complete the upload: the object appears whole."""
-        try:
-            parts = [f.result() for f in self._parts]
-        finally:
-            self._pool.shutdown(wait=True)
+        parts = self._parts.results()
         self._s3("complete_multipart_upload", Bucket=self._bucket, Key=self._object, UploadId=self._upload_id,
                  MultipartUpload={"Parts": parts})  # fmt: skip
 
     def abort(self) -> None:
-        for future in self._parts:
-            future.cancel()
-        self._pool.shutdown(wait=True)
+        self._parts.cancel()
         with contextlib.suppress(Exception):  # best effort: the store's lifecycle rules remove the rest
             self._storage.fs.call_s3(
                 "abort_multipart_upload", Bucket=self._bucket, Key=self._object, UploadId=self._upload_id
@@ -660,8 +688,7 @@ class _ObjectTransaction(TransactionBase):
         self._generation = f"{time.time_ns()}-{secrets.token_hex(4)}"
         self._names: set[str] = set()
         self._open: list[_Upload] = []
-        self._puts: list[concurrent.futures.Future[None]] = []
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._puts = _Bounded(_PARALLEL_PUTS)  # the objects sent in one PUT each, answered before the commit
         self._done = False
         self._wrote_single = False
         # The entry as this write found it: the commit succeeds only if it is still so (optimistic concurrency).
@@ -678,7 +705,7 @@ class _ObjectTransaction(TransactionBase):
         else:
             target = self.key
             self._wrote_single = True
-        upload = _Upload(self._storage, target, self._send)
+        upload = _Upload(self._storage, target, self._puts.submit)
         self._open.append(upload)
         return upload  # type: ignore[return-value]
 
@@ -688,25 +715,6 @@ class _ObjectTransaction(TransactionBase):
             raise InvalidArgumentError(f"Only an unfinished directory write of {self.key!r} can be shared.")
         return self._generation
 
-    def _send(self, put: Callable[[], None]) -> None:
-        """Run ``put`` on the save's pool; with :data:`_PARALLEL_PUTS` in flight, wait for the oldest first."""
-        in_flight = [f for f in self._puts if not f.done()]
-        if len(in_flight) >= _PARALLEL_PUTS:
-            in_flight[0].result()
-        if self._pool is None:
-            self._pool = concurrent.futures.ThreadPoolExecutor(_PARALLEL_PUTS, "torchkeep-put")
-        self._puts.append(self._pool.submit(put))
-
-    def _settle(self) -> None:
-        """Wait for every object sent on the pool; the first failure is raised once all are answered."""
-        if self._pool is None:
-            return
-        concurrent.futures.wait(self._puts)
-        self._pool.shutdown(wait=True)
-        self._pool = None
-        for future in self._puts:
-            future.result()
-
     def commit(self) -> None:
         if self._done:
             raise InvalidArgumentError(f"The write of {self.key!r} has already finished.")
@@ -714,7 +722,7 @@ class _ObjectTransaction(TransactionBase):
             for upload in self._open:
                 if not upload.closed:
                     upload.close()
-            self._settle()
+            self._puts.results()
         except BaseException:
             self.abort()
             raise
@@ -755,10 +763,7 @@ class _ObjectTransaction(TransactionBase):
         self._done = True
         for upload in self._open:
             upload.discard()
-        for future in self._puts:
-            future.cancel()
-        with contextlib.suppress(BaseException):  # their failures are the reason for the abort, or moot
-            self._settle()
+        self._puts.cancel()  # the running ones are waited for: nothing lands after the removal below
         if self._directory:
             storage = self._storage
             with contextlib.suppress(TorchkeepError):  # else left for the sweep of a later writer
