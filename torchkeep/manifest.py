@@ -239,21 +239,14 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True):
             ChecksumMismatchError: the bytes fail the manifest's own digest or checksum.
             CorruptCheckpointError: not JSON, or a field is missing or has the wrong type.
         """
-        try:
-            _count_containers(raw)
-        except ValueError as exc:
-            raise CorruptCheckpointError(f"The manifest of {path!r} is damaged: {exc}.", path=path) from exc
-        tail = _DIGEST_TAIL.search(raw, max(0, len(raw) - 64))
-        if tail is None:
+        bound_containers(raw, f"The manifest of {path!r}", path)
+        sealed = sealed_body(raw)
+        if sealed is None:
             return _from_older(raw, path)
-        # The body is the bytes before the digest member, closed again by "}"; read in place, not copied.
-        end = tail.start()
-        body = memoryview(raw)[:end]
-        digest = new_checksum()
-        digest.update(body)
-        digest.update(b"}")
-        if digest.hexdigest() != tail.group(1).decode("ascii"):
+        end, intact = sealed
+        if not intact:
             raise _damaged(path)
+        body = memoryview(raw)[:end]
         try:
             manifest = _DECODER.decode(raw)  # the digest member is no field of the struct, so it is passed over
         except msgspec.ValidationError as exc:
@@ -261,13 +254,11 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True):
             raise CorruptCheckpointError(f"The manifest of {path!r} is damaged: {exc}.", path=path) from exc
         except (msgspec.DecodeError, RecursionError) as exc:
             raise CorruptCheckpointError(f"The manifest of {path!r} is not valid JSON ({exc}).", path=path) from exc
-        again = _ENCODER.encode(manifest)
-        if len(again) != end + 1 or memoryview(again)[:end] != body:
+        if not same_form(raw, end, manifest):
             # A sharded checkpoint's manifest has one field more, which the plain decoding passed over.
             with contextlib.suppress(msgspec.ValidationError, msgspec.DecodeError):
                 sharded = _SHARDED_DECODER.decode(raw)
-                again = _ENCODER.encode(sharded)
-                if len(again) == end + 1 and memoryview(again)[:end] == body:
+                if same_form(raw, end, sharded):
                     _check_entries(sharded, path)
                     return sharded
             # Decoding keeps the last of two equal keys, so the bytes re-encode differently.
@@ -323,6 +314,35 @@ def seal(body: bytes | bytearray) -> bytearray:
 def encode_sorted(data: Any) -> bytes:
     """JSON values in the form a manifest's body is written: compact, keys sorted, UTF-8."""
     return _ENCODER.encode(data)
+
+
+def sealed_body(raw: bytes) -> tuple[int, bool] | None:
+    """Where a sealed JSON file's body ends (its digest member starts) and whether the digest holds.
+
+    None when the bytes end in no digest member. The body is read in place, not copied.
+    """
+    tail = _DIGEST_TAIL.search(raw, max(0, len(raw) - 64))
+    if tail is None:
+        return None
+    end = tail.start()
+    digest = new_checksum()
+    digest.update(memoryview(raw)[:end])
+    digest.update(b"}")  # the body closed again, as it was before the digest was added
+    return end, digest.hexdigest() == tail.group(1).decode("ascii")
+
+
+def same_form(raw: bytes, end: int, decoded: Any) -> bool:
+    """Whether ``decoded``, encoded again, is the very body it was read from: one spelling only."""
+    again = _ENCODER.encode(decoded)
+    return len(again) == end + 1 and memoryview(again)[:end] == memoryview(raw)[:end]
+
+
+def bound_containers(raw: bytes, what: str, path: str | None) -> None:
+    """Refuse JSON with more objects and arrays than a reader parses (the memory bound), as damage."""
+    try:
+        _count_containers(raw)
+    except ValueError as exc:
+        raise CorruptCheckpointError(f"{what} is damaged: {exc}.", path=path) from exc
 
 
 class Chunk(msgspec.Struct, frozen=True, gc=False):

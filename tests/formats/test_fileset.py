@@ -357,3 +357,11 @@ def test_the_command_line_verifies_and_inspects_a_sealed_folder(tmp_path: Path, 
     assert result["ok"] is False and result["damaged"] == ["optimizer.pt"]
     assert main(["verify", str(folder)]) == 1
     assert "optimizer.pt" in capsys.readouterr().out
+
+
+def test_a_file_manifest_past_the_parsing_bound_is_refused_before_it_is_parsed() -> None:
+    from torchkeep.formats.fileset import FolderManifest
+
+    raw = b"[" * 1_000_001 + b"{}" * 1_000_001 + b"]" * 1_000_001  # more containers than any reader parses
+    with pytest.raises(torchkeep.CorruptCheckpointError, match="objects and arrays"):
+        FolderManifest.from_bytes(raw, path="x")

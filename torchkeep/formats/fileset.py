@@ -34,7 +34,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
-import re
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -57,14 +56,16 @@ from torchkeep.formats.streaming import CopyJob
 from torchkeep.info import CheckpointInfo, VerifyReport, human_size
 from torchkeep.integrity import CHECKSUM_ALGORITHM, new_checksum
 from torchkeep.manifest import (
-    MANIFEST_DIGEST,
     MANIFEST_NAME,
     MAX_MANIFEST_BYTES,
     Manifest,
+    bound_containers,
     check_metadata,
     encode_sorted,
     provenance,
+    same_form,
     seal,
+    sealed_body,
     strict_json,
     utc_now,
 )
@@ -92,7 +93,6 @@ __all__ = [
 FILESET_FORMAT = "torchkeep.fileset"
 #: The newest file-manifest format this torchkeep reads and writes.
 FILESET_VERSION = 1
-_DIGEST_TAIL = re.compile(rb',"%s":"([0-9a-f]{16})"\}\Z' % MANIFEST_DIGEST.encode())
 _CHUNK = 8 * 1024 * 1024  # bytes read and hashed at a time
 _PARALLEL_BYTES = 64 * 1024 * 1024  # below this, files are hashed on one thread
 #: A file on a storage without local paths is scanned for pickles only up to this size (it is read whole).
@@ -145,17 +145,15 @@ class FolderManifest(msgspec.Struct, frozen=True, kw_only=True):
             ChecksumMismatchError: the bytes fail the manifest's own digest.
             CorruptCheckpointError: not in the form torchkeep writes, or an entry is invalid.
         """
-        tail = _DIGEST_TAIL.search(raw, max(0, len(raw) - 64))
-        if tail is None:
+        bound_containers(raw, f"The file manifest of {path!r}", path)
+        sealed = sealed_body(raw)
+        if sealed is None:
             _check_header(_json_or_none(raw), path)  # someone else's JSON is told apart from damage
             raise CorruptCheckpointError(
                 f"The file manifest of {path!r} has no digest at its end; it was truncated or edited.", path=path
             )
-        end = tail.start()
-        digest = new_checksum()
-        digest.update(memoryview(raw)[:end])
-        digest.update(b"}")
-        if digest.hexdigest() != tail.group(1).decode("ascii"):
+        end, intact = sealed
+        if not intact:
             raise ChecksumMismatchError(
                 f"The file manifest of {path!r} is damaged: its contents fail their checksum. Seal the folder "
                 "again only if you know its files are good; otherwise use an earlier checkpoint.",
@@ -171,8 +169,7 @@ class FolderManifest(msgspec.Struct, frozen=True, kw_only=True):
             raise CorruptCheckpointError(
                 f"The file manifest of {path!r} is not valid JSON ({exc}).", path=path
             ) from exc
-        again = encode_sorted(manifest)
-        if len(again) != end + 1 or again[:end] != raw[:end]:
+        if not same_form(raw, end, manifest):
             raise CorruptCheckpointError(
                 f"The file manifest of {path!r} is damaged: it is not in the form torchkeep writes "
                 "(a repeated key, an unknown field, or spacing).",
