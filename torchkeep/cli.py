@@ -128,10 +128,15 @@ def _existing_folder(path: str) -> tuple[Any, str]:
 
 def _checkpoints_in(path: str) -> list[str]:
     """``path`` itself, or each checkpoint of a manager directory or registry folder that ``path`` is."""
+    from torchkeep.formats.detect import FILESET_NAME
+    from torchkeep.manifest import MANIFEST_NAME
+
     storage, key = resolve(path)
-    if not storage.is_dir(key) or {"manifest.json", "torchkeep-files.json"} & set(storage.list(key)):
+    if not storage.is_dir(key):
         return [path]
     names = storage.list(key)
+    if {MANIFEST_NAME, FILESET_NAME} & set(names):
+        return [path]
     steps = [n for n in names if n.startswith("step-") and n[5:].isdigit()]
     if steps:
         return [storage.describe(join_key(key, n)) for n in steps]
@@ -562,20 +567,13 @@ def _is_url(path: str) -> bool:
 
 
 def _scan(path: str) -> Any:
-    """Scan a local file, or a copy of an object in a store (the report names the URL)."""
-    import dataclasses
-    import tempfile
-
-    from torchkeep.scan import scan_file
+    """Scan a local file, or the bytes of an object in a store (the report names the URL)."""
+    from torchkeep.scan import scan_bytes, scan_file
 
     if not _is_url(path):
         return scan_file(path)
     storage, key = resolve(path)
-    with tempfile.TemporaryDirectory(prefix="torchkeep-scan-") as folder:
-        copy = os.path.join(folder, os.path.basename(key))
-        with open(copy, "wb") as f:
-            f.write(storage.read(key))
-        return dataclasses.replace(scan_file(copy), path=path)
+    return scan_bytes(storage.read(key), path)
 
 
 def _holds_no_pickle(path: str) -> bool:
@@ -596,7 +594,9 @@ def _holds_no_pickle(path: str) -> bool:
                 head = f.read(9)
         except OSError:
             return False
-    return len(head) == 9 and head[8:9] == b"{" and 1 < int.from_bytes(head[:8], "little") < 100 * 2**20
+    from torchkeep.formats.detect import is_safetensors_head
+
+    return is_safetensors_head(head)
 
 
 @cli.command()
