@@ -1,10 +1,10 @@
 """A small Lightning training run checkpointed through TorchkeepCheckpointIO, for the integration tests.
 
-    python -m tests.integrations.lightning_script DIR [--kill-at STEP] [--resume] [--async-save]
+    python -m tests.integrations.lightning_script DIR [--kill-at STEP]
 
 With ``--kill-at`` the process SIGKILLs itself when the training reaches that
-global step, as a preempted machine would stop it. ``--resume`` starts from
-``ckpt_path="last"``. At the end the final weights are saved to ``DIR/final``.
+global step, as a preempted machine would stop it; the tests resume in their
+own process with :func:`run` (``resume=True``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import torchkeep
 from torchkeep.integrations.lightning import TorchkeepCheckpointIO
 
 # Lightning 2.6 with torch 2.13 warns about torch's pytree API for every loader; nothing to do with the test.
@@ -117,19 +116,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("directory", type=Path)
     parser.add_argument("--kill-at", type=int, default=None)
-    parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--async-save", action="store_true")
     args = parser.parse_args()
     for spec in LIGHTNING_WARNINGS:
         action, message, category = spec.split(":", 2)
         warnings.filterwarnings(action, message=message, category=getattr(builtins, category))
-    model = run(
-        args.directory,
-        kill_at=args.kill_at,
-        resume=args.resume,
-        plugin=TorchkeepCheckpointIO(async_save=args.async_save),
-    )
-    torchkeep.save(model.state_dict(), args.directory / "final")
+    run(args.directory, kill_at=args.kill_at)
     print("finished", flush=True)
 
 

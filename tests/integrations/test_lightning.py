@@ -116,6 +116,19 @@ def test_lightning_checkpoint_dict_round_trips(reference: tuple[Path, Spy, dict[
         assert_same(plugin.load_checkpoint(directory / name), saved)
 
 
+def test_validate_with_a_checkpoint_path_reads_it_through_the_plugin(
+    reference: tuple[Path, Spy, dict[str, torch.Tensor]],
+) -> None:
+    directory, _, _ = reference
+    path = directory / "epoch=2-step=15.ckpt"
+    torch.manual_seed(1)  # weights other than the checkpoint's
+    model = script.Regressor()
+    _, val = script.loaders()
+    script.trainer(directory, TorchkeepCheckpointIO()).validate(model, val, ckpt_path=str(path), verbose=False)
+    saved = torchkeep.load(path)["state_dict"]
+    assert_equal_weights(weights(model), {k: saved[k] for k in weights(model)})
+
+
 def test_sigkill_mid_training_then_fit_last_resumes_to_the_same_weights(
     tmp_path: Path, reference: tuple[Path, Spy, dict[str, torch.Tensor]]
 ) -> None:
