@@ -31,9 +31,9 @@ from typing import Any
 import torch.distributed as dist
 
 from torchkeep.errors import CheckpointNotFoundError, CorruptCheckpointError, UnsupportedFormatError
-from torchkeep.formats.fileset import FILESET_NAME, read_folder_manifest, seal_folder, verify_folder
+from torchkeep.formats.fileset import FILESET_NAME, check_sizes, seal_folder, verify_folder
 from torchkeep.manifest import check_metadata
-from torchkeep.storage import Storage, join_key, resolve
+from torchkeep.storage import join_key, resolve
 
 try:
     import transformers
@@ -143,7 +143,7 @@ def latest_valid_checkpoint(output_dir: str | os.PathLike[str], *, verify: bool 
             if verify:
                 verify_folder(folder, storage=storage)
             else:
-                _check_sizes(storage, folder)
+                check_sizes(storage, folder)
         except CheckpointNotFoundError:
             if storage.exists(folder):
                 _skip(storage.describe(folder), f"it has no {FILESET_NAME}: its save did not finish, or ran "
@@ -154,22 +154,6 @@ def latest_valid_checkpoint(output_dir: str | os.PathLike[str], *, verify: bool 
             continue
         return storage.describe(folder)
     return None
-
-
-def _check_sizes(storage: Storage, folder: str) -> None:
-    """The seal is intact and every file has its sealed size (what ``verify=False`` checks)."""
-    manifest = read_folder_manifest(folder, storage=storage)
-    wrong = []
-    for entry in manifest.files:
-        file_key = join_key(folder, entry.path)
-        if not storage.exists(file_key) or storage.size(file_key) != entry.size:
-            wrong.append(entry.path)
-    if wrong:
-        raise CorruptCheckpointError(
-            f"{storage.describe(folder)!r} is damaged: {', '.join(map(repr, wrong))} missing or not of the "
-            "sealed size.",
-            path=storage.describe(folder),
-        )
 
 
 def _skip(path: str, why: str) -> None:
